@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--structured", action="store_true", help="channel pruning with fine-tuning (second table)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 0 unstructured, 2 structured")
     p.add_argument("--bilevel-steps", type=int, default=100)
+    p.add_argument("--iterations", type=int, default=1,
+                   help="prune in N nested steps, importance recomputed each step (bilevel always runs once)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
                    help="seeded, group-stratified share of the calibration split each run prunes with (1: all)")
@@ -121,7 +123,11 @@ def _names(text: str, known: dict, flag: str) -> list[str]:
 def run_key(r: dict) -> tuple:
     return (r["model"], r["method"], r["structured"], r["scope"], float(r["sparsity"]), int(r["seed"]),
             int(r["finetune_epochs"]), int(r["bilevel_steps"]) if r["method"] == "bilevel" else 0,
-            float(r.get("calib_fraction", CALIB_FRACTION)), r.get("eval_split", "eval"))
+            float(r.get("calib_fraction", CALIB_FRACTION)), r.get("eval_split", "eval"), int(r.get("iterations", 1)))
+
+
+def _iterations(criterion: str, args: argparse.Namespace) -> int:
+    return 1 if criterion == "bilevel" else args.iterations
 
 
 def calib_subsample(calib: GroupedDataset, seed: int, fraction: float = CALIB_FRACTION) -> GroupedDataset:
@@ -138,6 +144,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
+        iterations=_iterations(base, args),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()
@@ -150,7 +157,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
         "model": name, "method": method, "criterion": base, "loss": loss, "structured": args.structured,
         "scope": args.scope, "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
         "bilevel_steps": args.bilevel_steps if base == "bilevel" else 0, "calib_fraction": args.calib_fraction,
-        "eval_split": args.eval_split, "n_calib": len(fit), "n_eval": len(eval_ds),
+        "eval_split": args.eval_split, "iterations": _iterations(base, args), "n_calib": len(fit), "n_eval": len(eval_ds),
         "dense_accuracy": dense["overall"]["accuracy"], "accuracy": pruned["overall"]["accuracy"],
         "std_delta": deg["std_delta"], "max_excess_gap": deg["max_excess_gap"],
         "overall_delta": deg["overall_delta"], "group_deltas": deg["groups"],
@@ -191,7 +198,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         probe = {"model": name, "method": method, "structured": args.structured, "scope": args.scope,
                  "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
                  "bilevel_steps": args.bilevel_steps, "calib_fraction": args.calib_fraction,
-                 "eval_split": args.eval_split}
+                 "eval_split": args.eval_split, "iterations": _iterations(METHODS[method][0], args)}
         if run_key(probe) in done:
             continue
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
@@ -273,6 +280,8 @@ def caption(rows: list[dict]) -> str:
     r = rows[0]
     kind = "structured (channels)" if r["structured"] else "unstructured (weights)"
     ft = f", fine-tuned {r['finetune_epochs']} epochs" if r["finetune_epochs"] else ", no fine-tuning"
+    its = max(int(x.get("iterations", 1)) for x in rows)  # bilevel rows always run once
+    ft = (f", {its} nested steps (importance recomputed each step)" if its > 1 else ", one shot") + ft
     steps = sorted({x["bilevel_steps"] for x in rows if x["method"] == "bilevel"})
     bl = f"; bilevel {', '.join(map(str, steps))} steps" if steps else ""
     seeds = sorted({x["seed"] for x in rows})
@@ -334,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
         keys = {(n, m, s, seed) for m in args.methods for n in args.models for s in args.sparsities for seed in args.seeds}
         rows = [r for r in rows if (r["model"], r["method"], float(r["sparsity"]), r["seed"]) in keys
                 and r["structured"] == args.structured and r["scope"] == args.scope
-                and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction]
+                and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction
+                and r.get("eval_split", "eval") == args.eval_split
+                and int(r.get("iterations", 1)) == _iterations(r["criterion"], args)]
     if not rows:
         raise SystemExit("no runs to tabulate")
     text, md = render(rows, args.target_sparsity)

@@ -7,10 +7,12 @@
     when they exist, else the fixture ResNet architecture (random weights) exported here, with random
     data and random groups.
 (b) FairGRAPE's greedy share-keeping selection on ResNet-18's layer shapes (11.7M weights), random
-    heavy-tailed importances correlated across 2-4 groups, per layer: our exact implementation (the
-    numba-compiled pick loop; its one-off compilation is timed separately) against
+    heavy-tailed importances correlated across 2-4 groups, per layer: the product's selection
+    (`select_weights`: the numba-compiled pick loop, on one thread and on two threads ranking layers at
+    once; the one-off compilation is timed separately) against
     the per-weight loop of the published code (timed on a prefix of one layer, extrapolated per kept
-    weight) and against a plain per-pick numpy loop. The selected sets are checked equal.
+    weight) and against a plain per-pick numpy loop. The selected sets are checked equal. Then the
+    scalar criteria's ranking (taylor, magnitude) on the same shapes, against numpy's lexsort.
 
     python bench/bench_scoring.py            # both parts
     python bench/bench_scoring.py --part b --groups 2,3,4 --sparsity 0.5
@@ -34,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from onnxfair.data import GroupedDataset  # noqa: E402
 from onnxfair.importance import accumulate_gradients  # noqa: E402
+from onnxfair.importance import Scores  # noqa: E402
 from onnxfair.importance.fairgrape import _sorted_heads, greedy_order, order_reference  # noqa: E402
+from onnxfair.select import select_weights  # noqa: E402
 from onnxfair.interpret import OnnxModule  # noqa: E402
 from onnxfair.losses import loss_fn  # noqa: E402
 
@@ -225,10 +229,11 @@ def bench_selection(groups: list[int], sparsity: float, quick: bool) -> None:
         t0 = time.perf_counter()
         greedy_order(flat[0][:, :64], 32)
         warm = time.perf_counter() - t0
-        # ours, all layers, sorting included
-        t0 = time.perf_counter()
+        # ours, all layers, sorting included: the product's selection on one thread, then on two
+        scores = _scores("fairgrape", layers, K)
+        ours, masks = _timed(lambda: select_weights(scores, sparsity, threads=1))
+        ours2, masks2 = _timed(lambda: select_weights(scores, sparsity, threads=2))
         orders = [greedy_order(f, k) for f, k in zip(flat, keeps)]
-        ours = time.perf_counter() - t0
         # sorting alone (part of ours): each group's head of n_keep units
         t0 = time.perf_counter()
         for f, k in zip(flat, keeps):
@@ -251,21 +256,70 @@ def bench_selection(groups: list[int], sparsity: float, quick: bool) -> None:
         order_reference(flat[mid], n_probe)
         per_plain = (time.perf_counter() - t0) / n_probe
         ref_total = per_ref * kept + ref_sort
-        rows.append([str(K), f"{total / 1e6:.2f}M", f"{kept / 1e6:.2f}M", f"{ours:.2f}", f"{sort_s:.2f}",
+        rows.append([str(K), f"{total / 1e6:.2f}M", f"{kept / 1e6:.2f}M", f"{ours:.2f}", f"{sort_s:.2f}", f"{ours2:.2f}",
                      f"{ours / kept * 1e6:.3f}", f"{per_ref * 1e6:.1f}", f"{per_ref * kept:.0f}",
-                     f"{per_ref * kept / ours:.0f}x", f"{ref_total / ours:.0f}x",
+                     f"{per_ref * kept / ours:.0f}x", f"{per_ref * kept / ours2:.0f}x", f"{ref_total / ours:.0f}x",
                      f"{per_ref * kept / max(ours - sort_s, 0.05 * ours):.0f}x", f"{per_plain * 1e6:.2f}", f"{per_plain * kept / ours:.0f}x"])
         # exactness: ours against the plain loop on whole small layers and a long prefix of a big one
         ok = all(np.array_equal(orders[i], order_reference(flat[i], keeps[i])) for i in (0, 1, len(flat) - 6))
+        ok = ok and all(np.array_equal(np.flatnonzero(masks[f"w{i}"].reshape(-1)), np.sort(o)) for i, o in enumerate(orders))
+        ok = ok and all(np.array_equal(masks[n], masks2[n]) for n in masks)
         ok = ok and np.array_equal(greedy_order(flat[mid], n_probe), order_reference(flat[mid], n_probe))
         checks.append(f"K={K}: selected sets equal to the plain loop: {ok}; first call (compile or cache load) {warm:.2f} s")
     table(f"(b) FairGRAPE greedy selection on ResNet-18 layer shapes, per layer, sparsity {sparsity}"
           + (" (quick: 2% of each layer)" if quick else ""),
-          ["K", "weights", "kept", "ours s", "of which sort s", "ours us/kept", "ref loop us/kept", "ref loop s (extrap.)",
-           "speed-up (loop)", "speed-up (loop+topk)", "greedy part vs loop", "plain loop us/kept", "vs plain loop"], rows)
+          ["K", "weights", "kept", "ours s", "of which sort s", "ours 2 threads s", "ours us/kept", "ref loop us/kept",
+           "ref loop s (extrap.)", "speed-up (loop)", "2 threads", "speed-up (loop+topk)", "greedy part vs loop",
+           "plain loop us/kept", "vs plain loop"], rows)
     for c in checks:
         print(c)
     print("target: speed-up >= 100x against the published per-weight loop")
+    bench_scalar_ranking(sparsity, scale)
+
+
+def _scores(criterion: str, layers: list[np.ndarray], K: int) -> Scores:
+    shape = (lambda a: a.shape[1:]) if criterion == "fairgrape" else (lambda a: a.shape)
+    names = [f"w{i}" for i in range(len(layers))]
+    return Scores(criterion=criterion, structured=False, weights=dict(zip(names, layers)),
+                  weight_alive={n: np.ones(shape(a), bool) for n, a in zip(names, layers)},
+                  group_labels=[f"g{k}" for k in range(K)] if criterion == "fairgrape" else [])
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def bench_scalar_ranking(sparsity: float, scale: float) -> None:
+    """taylor/magnitude selection on the same shapes (one thread): the radix-sorted ranking against the
+    numpy lexsort it replaced (same masks)."""
+    layers = [l[0] for l in resnet18_importances(1, seed=9, scale=scale)]
+    scores = _scores("taylor", layers, 1)
+    rows = []
+    for scope in ("layer", "global"):
+        ours, masks = _timed(lambda: select_weights(scores, sparsity, scope=scope, threads=1))
+        t0 = time.perf_counter()
+        if scope == "layer":
+            old = [np.lexsort((np.arange(a.size), -a.reshape(-1))) for a in layers]
+        else:
+            pooled = np.concatenate([(a / a.mean()).reshape(-1) for a in layers])
+            lid = np.concatenate([np.full(a.size, i) for i, a in enumerate(layers)])
+            fl = np.concatenate([np.arange(a.size) for a in layers])
+            old = np.lexsort((fl, lid, -pooled, np.zeros(pooled.size, np.int64)))
+        lex = time.perf_counter() - t0
+        if scope == "layer":
+            same = all(np.array_equal(np.flatnonzero(masks[f"w{i}"].reshape(-1)),
+                                      np.sort(o[: a.size - int(round(sparsity * a.size))]))
+                       for i, (a, o) in enumerate(zip(layers, old)))
+        else:
+            n_keep = pooled.size - int(round(sparsity * pooled.size))
+            same = sum(int(m.sum()) for m in masks.values()) == n_keep and all(
+                np.array_equal(np.flatnonzero(masks[f"w{i}"].reshape(-1)), np.sort(fl[old[:n_keep]][lid[old[:n_keep]] == i]))
+                for i in range(len(layers)))
+        rows.append([scope, f"{ours:.2f}", f"{lex:.2f}", f"{lex / ours:.1f}x", str(same)])
+    table(f"(b2) taylor/magnitude selection on the same shapes, sparsity {sparsity}, one thread",
+          ["scope", "ours s", "numpy lexsort s (ranking only)", "speed-up", "same masks"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

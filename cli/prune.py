@@ -43,7 +43,7 @@ from onnxfair.report import format_prune
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
-              help="torch and onnxruntime intra-op threads (0: all cores); 1 is fastest for small models on busy machines.")
+              help="torch and onnxruntime intra-op threads, and layers ranked at once (0: all cores); 1 is fastest for small models on busy machines.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Calibration batch size for scoring.")
 @click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--no-latency", is_flag=True, help="Skip latency timing.")

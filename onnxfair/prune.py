@@ -47,7 +47,7 @@ class PruneConfig:
     bilevel_alpha: float = 1.0
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # torch and onnxruntime intra-op threads; 0 = their defaults
+    threads: int = 0  # torch and onnxruntime intra-op threads, layers ranked at once; 0 = their defaults
     batch_size: int = 64
     eval_split: float = 0.3
     ignore: tuple[str, ...] = ()

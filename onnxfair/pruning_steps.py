@@ -84,7 +84,7 @@ def select_masks(
             )
             masks = channel_masks(an, keep)
         else:
-            new = select_weights(scores, budget["sparsity"], scope=cfg.scope)
+            new = select_weights(scores, budget["sparsity"], scope=cfg.scope, threads=cfg.threads or torch.get_num_threads())
             masks = {k: (v * masks[k] if k in masks else v) for k, v in new.items()}
     mod.set_masks(None)
     return keep, masks, mod

@@ -46,6 +46,7 @@ pass the masks: removed units stay removed.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -54,6 +55,7 @@ from onnxfair.errors import UsageError
 from onnxfair.graph.groups import ChannelGroup
 from onnxfair.graph.rewrite import round_keep
 from onnxfair.importance.fairgrape import greedy_order, normalise_pool
+from onnxfair.importance.order import descending_order
 from onnxfair.importance.scores import Scores
 
 __all__ = ["SCOPES", "sparsity_schedule", "select_weights", "select_channels", "rewrite_macs"]
@@ -87,10 +89,16 @@ def _check_scope(scope: str) -> None:
 
 
 def _scalar_order(score: np.ndarray, tier: np.ndarray | None, idx: np.ndarray) -> np.ndarray:
-    """`idx` sorted most important first: tier descending, score descending, index ascending."""
-    s = score[idx]
-    tr = tier[idx] if tier is not None else np.zeros(idx.size, np.int8)
-    return idx[np.lexsort((idx, -s, -tr.astype(np.int64)))]
+    """`idx` (ascending) sorted most important first: tier descending, score descending, index ascending."""
+    return idx[_by_tier_then_score(score[idx], tier[idx] if tier is not None else None)]
+
+
+def _by_tier_then_score(score: np.ndarray, tier: np.ndarray | None) -> np.ndarray:
+    """Positions by tier descending, score descending, position ascending (exact; a radix sort, not lexsort)."""
+    order = descending_order(score)
+    if tier is not None and tier.size and tier.min() != tier.max():
+        order = order[np.argsort(-tier[order].astype(np.int64), kind="stable")]
+    return order
 
 
 def _normalised(score: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -120,15 +128,17 @@ def _pooled_order(units: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
         keys_t.append(tr[idx].astype(np.int64) if tr is not None else np.zeros(idx.size, np.int64))
         layer_ids.append(np.full(idx.size, l, np.int64))
         flat.append(idx)
-    s, t = np.concatenate(keys_s), np.concatenate(keys_t)
+    # positions in the concatenation follow (layer, index), so position order breaks score ties
+    o = _by_tier_then_score(np.concatenate(keys_s), np.concatenate(keys_t))
     lid, fl = np.concatenate(layer_ids), np.concatenate(flat)
-    o = np.lexsort((fl, lid, -s, -t))
     return lid[o], fl[o]
 
 
 def _layer_order(sc: np.ndarray, idx: np.ndarray, tr: np.ndarray | None, per_group: bool, n_needed: int) -> np.ndarray:
     if per_group:
-        return idx[greedy_order(sc[:, idx], min(n_needed, idx.size))]
+        everyone = idx.size == sc.shape[1]  # nothing masked yet: rank the rows as they are, no gathered copy
+        order = greedy_order(sc if everyone else sc[:, idx], min(n_needed, idx.size))
+        return order if everyone else idx[order]
     return _scalar_order(sc, tr, idx)
 
 
@@ -136,11 +146,13 @@ def _layer_order(sc: np.ndarray, idx: np.ndarray, tr: np.ndarray | None, per_gro
 
 
 def select_weights(
-    scores: Scores, sparsity: float, scope: str = "layer", *, normalise: bool = True
+    scores: Scores, sparsity: float, scope: str = "layer", *, normalise: bool = True, threads: int = 1
 ) -> dict[str, np.ndarray]:
     """Unstructured masks (float32 0/1, the initializer's shape) for every scored initializer.
 
     normalise   global scope: divide each layer's scores by their mean first (see the module docstring)
+    threads     layer scope: rank this many layers at once (the rankings are independent and release the
+                GIL: sorting, and FairGRAPE's compiled greedy), same masks for any count
     """
     _check_fraction("sparsity", sparsity)
     _check_scope(scope)
@@ -158,10 +170,19 @@ def select_weights(
         sizes.append(alive.size)
     masks = {n: np.zeros(scores.weight_alive[n].shape, np.float32) for n in names}
     if scope == "layer":
-        for n, sc, idx, tr, size in zip(names, flat_scores, alive_idx, tiers, sizes):
+        def kept(i: int) -> np.ndarray:
+            idx, size = alive_idx[i], sizes[i]
             n_keep = min(size - int(round(sparsity * size)), idx.size)
-            kept = _layer_order(sc, idx, tr, scores.per_group, n_keep)[:n_keep]
-            masks[n].reshape(-1)[kept] = 1.0
+            return _layer_order(flat_scores[i], idx, tiers[i], scores.per_group, n_keep)[:n_keep]
+
+        largest_first = sorted(range(len(names)), key=lambda i: -sizes[i])  # balances the threads' loads
+        if threads > 1 and len(names) > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                keeps = dict(zip(largest_first, pool.map(kept, largest_first)))
+        else:
+            keeps = {i: kept(i) for i in largest_first}
+        for i, n in enumerate(names):
+            masks[n].reshape(-1)[keeps[i]] = 1.0
         return masks
     total = sum(sizes)
     n_keep = min(total - int(round(sparsity * total)), sum(i.size for i in alive_idx))

@@ -59,6 +59,15 @@ def test_magnitude_by_hand():
     assert sc2.weights["w"].tolist() == [[0.25, 1.0]]
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "fairgrape"])
+def test_non_finite_scores_are_refused_with_the_fix(criterion):
+    # a NaN weight makes every score of its initializer NaN; ranking NaN would prune arbitrarily
+    from onnxfair.errors import ModelError
+
+    with pytest.raises(ModelError, match="NaN or infinite for w:.*onnxfair evaluate"):
+        compute_scores(criterion, TwoWeights(w=(0.5, float("nan"))), dataset(), weights=["w"])
+
+
 def test_taylor_by_hand():
     sc = compute_scores("taylor", TwoWeights(), dataset(), weights=["w"], batch_size=2, accumulate_dtype=torch.float64)
     g = (row_grad(0) + row_grad(1) + row_grad(2)) / 3  # gradient of the calibration-set mean loss

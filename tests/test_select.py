@@ -78,6 +78,33 @@ def test_ties_go_to_the_lower_index_and_selection_is_deterministic():
         assert all((first[n] == again[n]).all() for n in first)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_large_pools_with_ties_tiers_and_masks_match_a_lexsort_oracle(scope):
+    # pools past the small-array path (radix sort on float32 keys): the kept sets must be exactly those of
+    # the plain rule (tier desc, score desc, layer then index asc), over tied, tiny and huge scores
+    rng = np.random.default_rng(5)
+    shapes = {"a": (80, 70), "b": (9000,), "c": (30, 3)}
+    scores, alive, tiers = {}, {}, {}
+    for n, shape in shapes.items():
+        scores[n] = rng.integers(0, 6, shape) * rng.choice([1.0, 1e-40, 1e40, 1 + 2.0**-40], shape)
+        alive[n] = rng.random(shape) > 0.1
+        scores[n] = scores[n] * alive[n]
+        tiers[n] = (rng.random(shape) < 0.3).astype(np.int8)
+    sc = weight_scores(scores, criterion="conflict", alive=alive, tiers=tiers)
+    got = select_weights(sc, 0.6, scope=scope, normalise=False)
+    pools = [list(shapes)] if scope == "global" else [[n] for n in shapes]
+    for names in pools:
+        size = sum(scores[n].size for n in names)
+        n_keep = min(size - int(round(0.6 * size)), sum(int(alive[n].sum()) for n in names))
+        rows = [(-int(tiers[n].flat[i]), -scores[n].flat[i], l, i)
+                for l, n in enumerate(names) for i in np.flatnonzero(alive[n].reshape(-1))]
+        kept = sorted(rows)[:n_keep]
+        for l, n in enumerate(names):
+            expect = np.zeros(scores[n].size)
+            expect[[r[3] for r in kept if r[2] == l]] = 1
+            assert got[n].reshape(-1).tolist() == expect.tolist()
+
+
 def test_conflict_tiers_protect_units_whatever_their_score():
     s = np.array([5.0, 4.0, 0.1, 3.0, 0.2])
     tier = np.array([0, 0, 1, 0, 1], np.int8)
@@ -101,6 +128,25 @@ def test_fairgrape_layer_selection_is_the_greedy_prefix_over_alive_weights():
     expected = np.zeros(20)
     expected[kept] = 1
     assert m["w"].reshape(-1).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("criterion", ["fairgrape", "taylor"])
+def test_layers_ranked_on_threads_give_the_serial_masks(criterion):
+    # layers of very different sizes, ranked four at a time: each layer's mask is its own ranking's prefix
+    rng = np.random.default_rng(7)
+    shapes = {f"w{i}": s for i, s in enumerate([(300, 40), (7,), (64, 3, 3), (5000,), (2, 2), (33, 17)])}
+    lead = (3,) if criterion == "fairgrape" else ()
+    arrays = {n: rng.random(lead + s) ** 4 for n, s in shapes.items()}
+    sc = weight_scores(arrays, criterion=criterion, labels=["a", "b", "c"] if lead else ())
+    serial = select_weights(sc, 0.7)
+    threaded = select_weights(sc, 0.7, threads=4)
+    for n, shape in shapes.items():
+        size = int(np.prod(shape))
+        assert threaded[n].tolist() == serial[n].tolist()
+        assert int(serial[n].sum()) == size - int(round(0.7 * size))
+        if lead:
+            kept = greedy_order(arrays[n].reshape(3, -1), size - int(round(0.7 * size)))
+            assert np.flatnonzero(serial[n].reshape(-1)).tolist() == sorted(kept.tolist())
 
 
 def test_fairgrape_global_pools_normalised_layers():

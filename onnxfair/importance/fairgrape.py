@@ -30,14 +30,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onnxfair.importance.order import descending_order
+
 __all__ = ["share_targets", "greedy_order", "order_reference", "normalise_pool"]
 
 
 def share_targets(importance: np.ndarray) -> np.ndarray:
     """t_g = T_g / Σ T over the pool (zeros when the pool has no importance at all)."""
-    T = np.asarray(importance, dtype=np.float64).sum(axis=1)
-    total = T.sum()
-    return T / total if total > 0 else np.zeros_like(T)
+    return _shares(np.asarray(importance, dtype=np.float64).sum(axis=1))
+
+
+def _shares(totals: np.ndarray) -> np.ndarray:
+    total = totals.sum()
+    return totals / total if total > 0 else np.zeros_like(totals)
 
 
 def normalise_pool(importance: np.ndarray) -> np.ndarray:
@@ -47,52 +52,13 @@ def normalise_pool(importance: np.ndarray) -> np.ndarray:
     return imp / mean if mean > 0 else imp
 
 
-def descending_order(values: np.ndarray) -> np.ndarray:
-    """Indices by descending value, ties by ascending index.
-
-    Importances are non-negative, so the bit patterns of the numbers order like the numbers, and torch's
-    stable integer sort (a radix sort) orders them fastest: about 3x numpy's merge sort on int64 keys,
-    and int32 keys again 3x faster than int64. So the sort runs on the float32 rounding of the values,
-    which keeps their order except that distinct doubles may round to one float32; those runs (a few
-    thousand units in millions) are then put in order by the doubles. Sorting is a large share of the
-    selection's time."""
-    v = np.asarray(values, dtype=np.float64).ravel() + 0.0  # + 0.0: -0.0 -> 0.0
-    if v.size < 4096:
-        return np.argsort(-v.view(np.int64), kind="stable")
-    keys = _float32_keys(v)
-    order = torch.sort(torch.from_numpy(keys).neg_(), stable=True)[1].numpy()
-    return _order_float32_ties(v, keys, order)
-
-
-def _float32_keys(v: np.ndarray) -> np.ndarray:
-    """int32 bit patterns of the float32 roundings (monotone: a > b implies key(a) >= key(b))."""
-    with np.errstate(over="ignore"):  # beyond float32's range: +inf, still in order
-        f = np.asarray(v).astype(np.float32)
-    f += np.float32(0.0)  # -0.0 -> 0.0: equal values, equal keys
-    return f.view(np.int32)
-
-
-def _order_float32_ties(v: np.ndarray, keys: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Within each run of equal float32 keys in `order`, order by the doubles (descending), then index."""
-    sorted_keys = keys[order]
-    same = sorted_keys[1:] == sorted_keys[:-1]
-    if not same.any():
-        return order
-    in_run = np.zeros(order.size, dtype=bool)
-    in_run[1:] |= same
-    in_run[:-1] |= same
-    pos = np.flatnonzero(in_run)
-    run = np.cumsum(np.concatenate(([True], ~same)))[pos]
-    idx = order[pos]
-    order[pos] = idx[np.lexsort((idx, -v[idx], run))]
-    return order
-
-
 def _sorted_lists(imp: np.ndarray) -> list[np.ndarray]:
     return [descending_order(imp[g]) for g in range(imp.shape[0])]
 
 
-def _prepare(importance: np.ndarray, n_keep: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+def _prepare(importance: np.ndarray, n_keep: int) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray]:
+    """Checked float64 importances of the groups that take part, n_keep clipped to the pool, the picks
+    when the rule is trivial (else None), and the target shares."""
     imp = np.asarray(importance, dtype=np.float64)
     if imp.ndim != 2:
         raise ValueError("importance must be [groups, units]")
@@ -101,19 +67,21 @@ def _prepare(importance: np.ndarray, n_keep: int) -> tuple[np.ndarray, int, np.n
         raise ValueError("importances must be finite and non-negative")
     n = imp.shape[1]
     n_keep = int(min(max(n_keep, 0), n))
-    active = imp.sum(axis=1) > 0
+    totals = imp.sum(axis=1)
+    active = totals > 0
     if not active.any():
-        return imp, n_keep, np.arange(n_keep, dtype=np.int64)
-    return (imp if active.all() else imp[active]), n_keep, None
+        return imp, n_keep, np.arange(n_keep, dtype=np.int64), np.zeros_like(totals)
+    if active.all():
+        return imp, n_keep, None, _shares(totals)
+    return imp[active], n_keep, None, _shares(totals[active])
 
 
 def order_reference(importance: np.ndarray, n_keep: int) -> np.ndarray:
     """The rule written as plainly as possible: one pick per iteration, numpy arithmetic."""
-    imp, n_keep, trivial = _prepare(importance, n_keep)
+    imp, n_keep, trivial, t = _prepare(importance, n_keep)
     if trivial is not None:
         return trivial
     K, n = imp.shape
-    t = share_targets(imp)
     lists = _sorted_lists(imp)
     taken = np.zeros(n, dtype=bool)
     ptr = [0] * K
@@ -143,14 +111,14 @@ def greedy_order(importance: np.ndarray, n_keep: int, method: str = "compiled") 
     """
     if method not in ("compiled", "reference"):
         raise ValueError(f"unknown method {method!r}")
-    imp, n_keep, trivial = _prepare(importance, n_keep)
+    imp, n_keep, trivial, t = _prepare(importance, n_keep)
     if trivial is not None:
         return trivial
     if method == "reference":
         return order_reference(imp, n_keep)
     if imp.shape[0] == 1:
         return _sorted_lists(imp)[0][:n_keep].astype(np.int64)
-    return _order_compiled(imp, n_keep)
+    return _order_compiled(imp, n_keep, t)
 
 
 # ------------------------------------------------------------------------------------- compiled loop
@@ -169,7 +137,7 @@ def _sorted_heads(imp: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         heads = []
         for g in range(K):
-            members = _head_members(_float32_keys(imp[g]), depth)
+            members = _head_members(imp[g], depth)
             heads.append(members[descending_order(imp[g, members])])
     lengths = np.array([h.size for h in heads], dtype=np.int64)
     lists = np.zeros((K, int(lengths.max())), dtype=np.int64)
@@ -178,27 +146,33 @@ def _sorted_heads(imp: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     return lists, lengths
 
 
-def _head_members(keys: np.ndarray, depth: int) -> np.ndarray:
-    """Indices (ascending) of every unit whose key is at or above a cut that leaves at least `depth` of
+def _head_members(values: np.ndarray, depth: int) -> np.ndarray:
+    """Indices (ascending) of every unit whose value is at or above a cut that leaves at least `depth` of
     them: a superset of the `depth` largest, all ties with the cut included, so sorting these gives an
-    exact head. The cut comes from a strided sample of the keys (a cheap quantile, set 5 % low); when the
-    sample misleads and too few units clear it, the exact depth-th largest is found instead."""
-    n = keys.size
-    sample = keys[:: max(1, n // 65536)]
+    exact head. The cut comes from a strided sample of the values (a cheap quantile, set 5 % low); when
+    the sample misleads and too few units clear it, the exact depth-th largest is found instead. (-0.0
+    compares equal to 0.0, so it ties with a cut at zero.)"""
+    n = values.size
+    sample = values[:: max(1, n // 65536)]
     want = int(np.ceil(depth / n * sample.size * 1.05)) + 16
     if want < sample.size:
-        members = np.flatnonzero(keys >= np.partition(sample, sample.size - want)[sample.size - want])
+        members = np.flatnonzero(values >= np.partition(sample, sample.size - want)[sample.size - want])
         if members.size >= depth:
             return members
-    cut = torch.kthvalue(torch.from_numpy(keys), n - depth + 1).values.item()
-    return np.flatnonzero(keys >= cut)
+    cut = torch.kthvalue(torch.from_numpy(np.ascontiguousarray(values)), n - depth + 1).values.item()
+    return np.flatnonzero(values >= cut)
 
 
-def _order_compiled(imp: np.ndarray, n_keep: int) -> np.ndarray:
+def _order_compiled(imp: np.ndarray, n_keep: int, t: np.ndarray) -> np.ndarray:
     from onnxfair.importance.greedy_kernel import greedy_picks
 
     lists, lengths = _sorted_heads(imp, max(n_keep, 1))
-    out = greedy_picks(n_keep, lists, lengths, np.ascontiguousarray(imp.T), share_targets(imp))
+    # the kernel reads the importance rows of the units it takes: from a unit-major copy when many are
+    # taken, straight from the [K, n] rows when few are (the copy, a pass over every weight, then costs
+    # more than the scattered reads it saves: break-even measured near a fifth kept)
+    unit_major = 5 * n_keep >= imp.shape[1]
+    rows = np.ascontiguousarray(imp.T) if unit_major else np.ascontiguousarray(imp)
+    out = greedy_picks(n_keep, lists, lengths, rows, t, unit_major)
     if out.size != n_keep:  # cannot happen (see _sorted_heads); the kernel checks rather than read past a head
         raise RuntimeError(f"greedy selection stopped after {out.size} of {n_keep} picks")
     return out

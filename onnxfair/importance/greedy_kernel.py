@@ -27,13 +27,16 @@ def _jit(fn):
 
 
 @_jit
-def greedy_picks(n_keep: int, lists: np.ndarray, lengths: np.ndarray, imp_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+def greedy_picks(
+    n_keep: int, lists: np.ndarray, lengths: np.ndarray, imp: np.ndarray, t: np.ndarray, unit_major: bool
+) -> np.ndarray:
     """Up to `n_keep` picks. lists[g, :lengths[g]] is the head of group g's units by descending importance
-    (the full list when lengths[g] = n); imp_t is [n, K] (a unit's K importances side by side, one cache
-    line); t the target shares. Heads of n_keep units always suffice; should a group still run out of its
-    head, fewer than `n_keep` picks are returned instead of reading past it."""
+    (the full list when lengths[g] = n); t the target shares. imp is [n, K] when `unit_major` (a unit's K
+    importances in one cache line, worth a transposed copy when many units are picked) or else [K, n] as
+    given (K loads per fetched unit, cheaper when few are). Heads of n_keep units always suffice; should a
+    group still run out of its head, fewer than `n_keep` picks are returned instead of reading past it."""
     K = lists.shape[0]
-    n = imp_t.shape[0]
+    n = imp.shape[0] if unit_major else imp.shape[1]
     taken = np.zeros(n, np.bool_)
     ptr = np.zeros(K, np.int64)
     # each group's next candidates' importance rows, fetched a block at a time: the loads are
@@ -64,10 +67,16 @@ def greedy_picks(n_keep: int, lists: np.ndarray, lengths: np.ndarray, imp_t: np.
         if j >= _BLOCK:
             block_start[g] = i
             j = 0
-            for k in range(min(_BLOCK, lengths[g] - i)):
-                w = lists[g, i + k]
+            fetch = min(_BLOCK, lengths[g] - i)
+            if unit_major:
+                for k in range(fetch):
+                    w = lists[g, i + k]
+                    for h in range(K):
+                        block[g, k, h] = imp[w, h]
+            else:
                 for h in range(K):
-                    block[g, k, h] = imp_t[w, h]
+                    for k in range(fetch):
+                        block[g, k, h] = imp[h, lists[g, i + k]]
         s = 0.0
         for h in range(K):
             R[h] += block[g, j, h]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from onnxfair.errors import DataError, UsageError
+from onnxfair.errors import DataError, ModelError, UsageError
 from onnxfair.graph.groups import ChannelGroup
 from onnxfair.importance import criteria as C
 from onnxfair.importance.engine import accumulate_gradients, dense_probabilities, resolve_device
@@ -170,6 +170,12 @@ def compute_scores(
                 dF = C.fairness_change(-first[n], stats.group_loss, stats.n_rows)
                 per_weight[n] = C.conflict_scores(taylor[n], dF)
 
+    not_finite = [n for n, v in per_weight.items() if not np.isfinite(v).all()]
+    if not_finite:
+        raise ModelError(
+            f"importance scores are NaN or infinite for {', '.join(not_finite[:3])}: the model's weights or its "
+            "loss on the calibration data are not finite; check the model with `onnxfair evaluate` and the data's scale"
+        )
     scores = Scores(criterion=criterion, structured=structured, weights=per_weight, weight_alive=alive,
                     weight_tier=tiers if not structured else None, group_labels=labels, info=info)
     if structured:
