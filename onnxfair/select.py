@@ -109,8 +109,8 @@ def _normalised(score: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def _pooled_order(units: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], per_group: bool, n_needed: int,
                   normalise: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One ranking over several layers. `units`: (scores, alive flat indices, tiers) per layer, scores
-    flat ([n] or [K, n]). Returns (layer number, flat index) arrays, most important first (at least
-    `n_needed` entries when that many are alive). `normalise` divides scalar scores by their layer's mean."""
+    flat ([n] or [K, n]). Returns (layer number, flat index) arrays of the `n_needed` most important
+    units (fewer when fewer are alive), most important first. `normalise` divides scalar scores by their layer's mean."""
     layer_ids, flat = [], []
     if per_group:
         blocks = []
@@ -123,13 +123,15 @@ def _pooled_order(units: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
         o = greedy_order(pool, min(n_needed, pool.shape[1]))
         return lid[o], fl[o]
     keys_s, keys_t = [], []
+    tiered = any(tr is not None for _s, _i, tr in units)
     for l, (sc, idx, tr) in enumerate(units):
         keys_s.append((_normalised(sc, idx) if normalise else sc)[idx])
-        keys_t.append(tr[idx].astype(np.int64) if tr is not None else np.zeros(idx.size, np.int64))
+        if tiered:
+            keys_t.append(tr[idx].astype(np.int64) if tr is not None else np.zeros(idx.size, np.int64))
         layer_ids.append(np.full(idx.size, l, np.int64))
         flat.append(idx)
     # positions in the concatenation follow (layer, index), so position order breaks score ties
-    o = _by_tier_then_score(np.concatenate(keys_s), np.concatenate(keys_t))
+    o = _by_tier_then_score(np.concatenate(keys_s), np.concatenate(keys_t) if tiered else None)[:n_needed]
     lid, fl = np.concatenate(layer_ids), np.concatenate(flat)
     return lid[o], fl[o]
 
@@ -187,10 +189,10 @@ def select_weights(
     total = sum(sizes)
     n_keep = min(total - int(round(sparsity * total)), sum(i.size for i in alive_idx))
     lid, fl = _pooled_order(list(zip(flat_scores, alive_idx, tiers)), scores.per_group, n_keep, normalise)
-    lid, fl = lid[:n_keep], fl[:n_keep]
-    for l, n in enumerate(names):
-        masks[n].reshape(-1)[fl[lid == l]] = 1.0
-    return masks
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    kept_all = np.zeros(total, np.float32)  # every layer's mask in one buffer: one scatter, not one pass per layer
+    kept_all[starts[lid[:n_keep]] + fl[:n_keep]] = 1.0
+    return {n: kept_all[a : a + size].reshape(masks[n].shape) for n, a, size in zip(names, starts, sizes)}
 
 
 # ------------------------------------------------------------------------------------------- channels
