@@ -242,6 +242,12 @@ def prune_model(
             total = sum(int(m.size) for m in masks.values())
             zeros = sum(int((m == 0).sum()) for m in masks.values())
             structure["weights"] = {"prunable": total, "zeroed": zeros, "sparsity": zeros / max(total, 1)}
+            structure["layers"] = [{"name": n, "weights": int(m.size), "kept": int(np.count_nonzero(m))}
+                                   for n, m in masks.items()]
+            emptied = [n for n, m in masks.items() if m.size and not np.count_nonzero(m)]
+            if emptied:  # possible with global scope: the layer's output no longer depends on its input
+                progress(f"warning: every weight of {', '.join(emptied[:3])} was removed; "
+                         "use --scope layer or a lower --sparsity to keep part of each layer")
             if cfg.sparse_storage:
                 from onnxfair.graph import to_sparse_storage
 

@@ -77,6 +77,34 @@ def test_unstructured_zeroes_the_requested_share(tmp_path):
     zeros = sum(int((arrays[n] == 0).sum()) for n in arrays if arrays[n].ndim == 2)
     assert zeros == w["zeroed"]
     assert "no latency" in rep["structure"]["note"]
+    # per layer, as written: the report's counts are the output file's non-zeros
+    layers = {l["name"]: l for l in rep["structure"]["layers"]}
+    assert sum(l["weights"] - l["kept"] for l in layers.values()) == w["zeroed"]
+    assert all(layers[n]["kept"] == int(np.count_nonzero(arrays[n])) for n in arrays if arrays[n].ndim == 2)
+
+
+def test_a_layer_emptied_by_global_scope_is_reported(tmp_path):
+    # the head's weights are all equal: normalised by their mean they are 1.0, below a tenth of the
+    # heavy-tailed first layer, so a global 0.9 keeps none of them; the run says so and the report shows 0
+    rng = np.random.default_rng(0)
+    w1 = (rng.lognormal(0, 2, (64, 200)) * rng.choice([-1, 1], (64, 200))).astype(np.float32)
+    w2 = np.full((2, 64), 0.5, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "W2"], ["logits"], transB=1)],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 200])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
+    )
+    src, out = tmp_path / "two.onnx", tmp_path / "two.pruned.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), src)
+    r = run("prune", src, "--method", "magnitude", "--unstructured", "--scope", "global", "--sparsity", "0.9",
+            "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    layers = {l["name"]: l["kept"] for l in json.loads(r.stdout)["structure"]["layers"]}
+    assert layers["W2"] == 0 and layers["W1"] == round(0.1 * (64 * 200 + 128))
+    assert "every weight of W2 was removed" in r.stderr
+    assert not np.count_nonzero(initializer_arrays(onnx.load(out))["W2"])
 
 
 def test_data_free_magnitude_with_target_macs(tmp_path):
