@@ -237,6 +237,13 @@ def prune_model(
                 {"id": g.id, "name": g.name, "channels": g.size, "kept": int(len(keep.get(g.id, range(g.size))))}
                 for g in an.groups
             ]
+            total = sum(g["channels"] for g in structure["groups"])
+            removed = total - sum(g["kept"] for g in structure["groups"])
+            structure["channels"] = {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
+            if cfg.sparsity is not None and cfg.sparsity - removed / max(total, 1) > 0.02:
+                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: "
+                         f"--round-to {cfg.round_to} and at least one block kept per group set the floor; "
+                         "lower --round-to for a closer fit")
         else:
             pruned = mask_weights(dense_for_rewrite, masks)
             total = sum(int(m.size) for m in masks.values())

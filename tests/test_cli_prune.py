@@ -107,6 +107,19 @@ def test_a_layer_emptied_by_global_scope_is_reported(tmp_path):
     assert not np.count_nonzero(initializer_arrays(onnx.load(out))["W2"])
 
 
+def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
+    # 64-channel groups, blocks of 16, at least one block kept: 0.95 can only become 0.75
+    out = tmp_path / "r.onnx"
+    r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.95", "--round-to", "16", "-o", out, "--json", "-",
+            "--no-latency")
+    assert r.exit_code == 0, r.output
+    ch = json.loads(r.stdout)["structure"]["channels"]
+    assert (ch["prunable"], ch["removed"], ch["sparsity"]) == (128, 96, 0.75)
+    assert "0.750 of the channels removed, not 0.95" in r.stderr and "--round-to 16" in r.stderr
+    r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", out, "--json", "-", "--no-latency")
+    assert json.loads(r.stdout)["structure"]["channels"]["sparsity"] == 0.5 and "warning" not in r.stderr
+
+
 def test_data_free_magnitude_with_target_macs(tmp_path):
     out = tmp_path / "m.onnx"
     r = run("prune", MLP, "--method", "magnitude", "--target-macs", "0.5", "--round-to", "1", "-o", out, "--json", "-")
