@@ -31,6 +31,8 @@ from onnxfair.report import format_prune
 @click.option("--beta", default=0.75, show_default=True, type=float, help="pw loss: weight floor β.")
 @click.option("--gamma", default=5.0, show_default=True, type=float, help="pw loss: focusing exponent γ.")
 @click.option("--finetune-epochs", default=0, show_default=True, type=int, help="Weight update after pruning (0: none).")
+@click.option("--step-epochs", default=0, show_default=True, type=int,
+              help="With --iterations: fine-tune this many epochs after each step but the last, before rescoring.")
 @click.option("--finetune-loss", default="ce", show_default=True, type=click.Choice(["ce", "pw", "equalized", "ceag"]))
 @click.option("--finetune-lr", default=1e-3, show_default=True, type=float)
 @click.option("--eps", "finetune_eps", default=0.02, show_default=True, type=float, help="ceag: tolerated excess accuracy gap ε.")

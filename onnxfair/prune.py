@@ -40,6 +40,7 @@ class PruneConfig:
     beta: float = 0.75
     gamma: float = 5.0
     finetune_epochs: int = 0
+    step_epochs: int = 0  # fine-tuning between iterative steps (before rescoring), as the FairGRAPE paper retrains
     finetune_loss: str = "ce"
     finetune_lr: float = 1e-3
     finetune_eps: float = 0.02
@@ -74,6 +75,12 @@ class PruneConfig:
             raise UsageError("--finetune-epochs needs --data and --groups")
         if self.iterations < 1:
             raise UsageError("--iterations must be at least 1")
+        if self.step_epochs < 0 or self.finetune_epochs < 0:
+            raise UsageError("--finetune-epochs and --step-epochs count epochs: 0 or more")
+        if self.step_epochs and self.iterations < 2:
+            raise UsageError("--step-epochs fine-tunes between iterative steps: add --iterations 2 or more")
+        if self.step_epochs and not has_data:
+            raise UsageError("--step-epochs needs --data and --groups")
         if self.round_to < 1:
             raise UsageError("--round-to must be at least 1 (1 disables rounding)")
 
@@ -220,13 +227,15 @@ def prune_model(
     from onnxfair.pruning_steps import finetune_and_write_back, select_masks
 
     with timer("score+select"):
-        keep, masks, mod = select_masks(dense, an, units, fit, cfg, progress)
+        keep, masks, mod, steps_trained = select_masks(dense, an, units, fit, cfg, progress)
+    if steps_trained:
+        structure["step_finetune"] = steps_trained
 
     if cfg.finetune_epochs:
         with timer("finetune"):
             dense_for_rewrite, structure["finetune"] = finetune_and_write_back(dense, mod, masks, fit, cfg, progress)
-    elif cfg.method == "bilevel":
-        dense_for_rewrite = mod.to_onnx(dense)  # bi-level trained the weights together with the masks
+    elif cfg.method == "bilevel" or steps_trained:
+        dense_for_rewrite = mod.to_onnx(dense)  # weights trained with the masks (bi-level, or between steps)
     else:
         dense_for_rewrite = dense
 

@@ -40,8 +40,9 @@ def _to_torch_masks(masks: dict[str, np.ndarray], device: str) -> dict[str, torc
 
 def select_masks(
     dense: onnx.ModelProto, an: Any, units: list, fit: GroupedDataset | None, cfg: Any, progress: Callable[[str], None]
-) -> tuple[dict[int, np.ndarray] | None, dict[str, np.ndarray], Any]:
-    """Keep-sets (structured) and element masks for the chosen method; returns the interpreter too.
+) -> tuple[dict[int, np.ndarray] | None, dict[str, np.ndarray], Any, list[dict]]:
+    """Keep-sets (structured) and element masks for the chosen method; returns the interpreter too (its
+    weights trained when --step-epochs fine-tuned between steps) and the record of those fine-tunings.
 
     Structured masks are consumer-side channel masks (what the interpreter must apply to equal the
     physically pruned graph); unstructured masks are per-weight.
@@ -65,6 +66,7 @@ def select_masks(
     keep: dict[int, np.ndarray] | None = None
     masks: dict[str, np.ndarray] = {}
     schedule = _keep_fraction_schedule(cfg)
+    steps_trained: list[dict] = []
     for step, budget in enumerate(schedule, 1):
         if len(schedule) > 1:
             progress(f"  step {step}/{len(schedule)}: " + ", ".join(f"{k} {v:.3f}" for k, v in budget.items()))
@@ -86,8 +88,11 @@ def select_masks(
         else:
             new = select_weights(scores, budget["sparsity"], scope=cfg.scope, threads=cfg.threads or torch.get_num_threads())
             masks = {k: (v * masks[k] if k in masks else v) for k, v in new.items()}
+        if cfg.step_epochs and step < len(schedule):  # the FairGRAPE paper's cycle: retrain before rescoring
+            progress(f"  step {step}/{len(schedule)}: fine-tuning {cfg.step_epochs} epochs")
+            steps_trained.append({"step": step, **finetune_masked(dense, mod, masks, fit, cfg, cfg.step_epochs, progress)})
     mod.set_masks(None)
-    return keep, masks, mod
+    return keep, masks, mod, steps_trained
 
 
 def _bilevel(dense, an, units, fit, cfg, mod, progress):
@@ -112,8 +117,8 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
         progress=progress, **budget,
     )
     if cfg.structured:
-        return res.keep, channel_masks(an, res.keep), mod
-    return None, res.masks, mod
+        return res.keep, channel_masks(an, res.keep), mod, []
+    return None, res.masks, mod, []
 
 
 def finetune_and_write_back(
@@ -121,6 +126,16 @@ def finetune_and_write_back(
     progress: Callable[[str], None],
 ) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune the masked interpreter on part of --data (early stopping on the rest) and write weights back."""
+    res = finetune_masked(dense, mod, masks, fit, cfg, cfg.finetune_epochs, progress)
+    return mod.to_onnx(dense), res
+
+
+def finetune_masked(
+    dense: onnx.ModelProto, mod: Any, masks: dict[str, np.ndarray], fit: GroupedDataset, cfg: Any, epochs: int,
+    progress: Callable[[str], None],
+) -> dict:
+    """Fine-tune `mod` in place under `masks` for `epochs` (--finetune-loss; early stopping on a fifth of
+    --data) and leave the masks set; returns the run's record for the report."""
     from onnxfair.finetune import finetune, predict_probs
 
     train, val = fit.split(0.2, seed=cfg.seed)
@@ -131,10 +146,10 @@ def finetune_and_write_back(
         dense_mod = build_module(dense, cfg.device)
         reference = {"dense_probs": predict_probs(dense_mod, train), "dense_val_probs": predict_probs(dense_mod, val)}
     res = finetune(
-        mod, train, val, masks=_to_torch_masks(masks, device), epochs=cfg.finetune_epochs, loss=cfg.finetune_loss,
+        mod, train, val, masks=_to_torch_masks(masks, device), epochs=epochs, loss=cfg.finetune_loss,
         lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
         eps=cfg.finetune_eps if cfg.finetune_loss == "ceag" else None,
         beta=cfg.beta, gamma=cfg.gamma, model=dense, progress=progress, **reference,
     )
     mod.set_masks(_to_torch_masks(masks, device))
-    return mod.to_onnx(dense), res.to_dict()
+    return res.to_dict()

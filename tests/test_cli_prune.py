@@ -120,6 +120,29 @@ def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
     assert json.loads(r.stdout)["structure"]["channels"]["sparsity"] == 0.5 and "warning" not in r.stderr
 
 
+def test_step_epochs_retrain_between_steps_and_the_trained_weights_are_written(tmp_path):
+    # magnitude with no fine-tuning between steps is one-shot magnitude; retraining between steps changes
+    # the weights the next step ranks, and the written model carries those trained weights
+    dense = initializer_arrays(onnx.load(MLP))
+    common = ("--method", "magnitude", "--unstructured", "--scope", "layer", "--sparsity", "0.95", "--iterations", "2",
+              "--seed", "3", "--finetune-lr", "1e-4")
+    plain, rep_plain = _prune(tmp_path, "plain", *common)
+    trained, rep = _prune(tmp_path, "trained", *common, "--step-epochs", "2")
+    steps = rep["structure"]["step_finetune"]
+    assert [s["step"] for s in steps] == [1] and rep["method"]["step_epochs"] == 2
+    assert steps[0]["best_epoch"] >= 1  # training helped on validation, so its weights were kept
+    assert "step_finetune" not in rep_plain["structure"]
+    w_plain, w_trained = initializer_arrays(onnx.load(plain)), initializer_arrays(onnx.load(trained))
+    for n, a in dense.items():
+        if a.ndim != 2:
+            continue
+        kept = w_plain[n] != 0
+        assert np.array_equal(w_plain[n][kept], a[kept])  # no training: the dense weights, masked
+        assert int(np.count_nonzero(w_trained[n])) == int(kept.sum())  # same budget per layer
+        assert not np.allclose(w_trained[n][w_trained[n] != 0], a[w_trained[n] != 0])  # trained, and written
+    assert any(not np.array_equal(w_plain[n] != 0, w_trained[n] != 0) for n in dense if dense[n].ndim == 2)
+
+
 def test_data_free_magnitude_with_target_macs(tmp_path):
     out = tmp_path / "m.onnx"
     r = run("prune", MLP, "--method", "magnitude", "--target-macs", "0.5", "--round-to", "1", "-o", out, "--json", "-")
@@ -143,6 +166,8 @@ def test_prune_refuses_bad_requests(tmp_path):
     assert "exactly one budget" in _error(["prune", MLP, "--method", "magnitude", "-o", tmp_path / "x.onnx"])
     assert "folder" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "no" / "x.onnx"])
     assert "pass --data" in _error(["prune", MLP, "--method", "fairgrape", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
+    assert "add --iterations 2" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
+                                           "--sparsity", "0.5", "--step-epochs", "2", "-o", tmp_path / "x.onnx"])
     # a graph whose only channels reach the output: nothing prunable, declined with the reason
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], "g",
