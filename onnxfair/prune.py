@@ -250,9 +250,9 @@ def prune_model(
             removed = total - sum(g["kept"] for g in structure["groups"])
             structure["channels"] = {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
             if cfg.sparsity is not None and cfg.sparsity - removed / max(total, 1) > 0.02:
-                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: "
-                         f"--round-to {cfg.round_to} and at least one block kept per group set the floor; "
-                         "lower --round-to for a closer fit")
+                floor = (f"every group keeps at least one block of --round-to {cfg.round_to}; lower --round-to "
+                         "for a closer fit" if cfg.round_to > 1 else "every group keeps at least one channel")
+                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: {floor}")
         else:
             pruned = mask_weights(dense_for_rewrite, masks)
             total = sum(int(m.size) for m in masks.values())
@@ -261,9 +261,10 @@ def prune_model(
             structure["layers"] = [{"name": n, "weights": int(m.size), "kept": int(np.count_nonzero(m))}
                                    for n, m in masks.items()]
             emptied = [n for n, m in masks.items() if m.size and not np.count_nonzero(m)]
-            if emptied:  # possible with global scope: the layer's output no longer depends on its input
-                progress(f"warning: every weight of {', '.join(emptied[:3])} was removed; "
-                         "use --scope layer or a lower --sparsity to keep part of each layer")
+            if emptied:  # the layer's output no longer depends on its input
+                fix = ("use --scope layer or a lower --sparsity" if cfg.scope == "global"
+                       else "lower --sparsity (a layer of n weights keeps n - round(sparsity * n))")
+                progress(f"warning: every weight of {', '.join(emptied[:3])} was removed; {fix}")
             if cfg.sparse_storage:
                 from onnxfair.graph import to_sparse_storage
 

@@ -130,22 +130,36 @@ def test_fairgrape_layer_selection_is_the_greedy_prefix_over_alive_weights():
     assert m["w"].reshape(-1).tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("sparsity", [0.7, 0.9])  # FairGRAPE's kernel reads a transposed copy at 0.7, the rows at 0.9
 @pytest.mark.parametrize("criterion", ["fairgrape", "taylor"])
-def test_layers_ranked_on_threads_give_the_serial_masks(criterion):
+def test_layers_ranked_on_threads_give_the_serial_masks(criterion, sparsity, monkeypatch):
     # layers of very different sizes, ranked four at a time: each layer's mask is its own ranking's prefix
+    import onnxfair.select as select_module
+
+    pools = []
+
+    class CountingPool(select_module.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(select_module, "ThreadPoolExecutor", CountingPool)
     rng = np.random.default_rng(7)
     shapes = {f"w{i}": s for i, s in enumerate([(300, 40), (7,), (64, 3, 3), (5000,), (2, 2), (33, 17)])}
     lead = (3,) if criterion == "fairgrape" else ()
     arrays = {n: rng.random(lead + s) ** 4 for n, s in shapes.items()}
     sc = weight_scores(arrays, criterion=criterion, labels=["a", "b", "c"] if lead else ())
-    serial = select_weights(sc, 0.7)
-    threaded = select_weights(sc, 0.7, threads=4)
+    serial = select_weights(sc, sparsity)
+    assert pools == []
+    threaded = select_weights(sc, sparsity, threads=4)
+    assert pools == [4]
     for n, shape in shapes.items():
         size = int(np.prod(shape))
+        n_keep = size - int(round(sparsity * size))
         assert threaded[n].tolist() == serial[n].tolist()
-        assert int(serial[n].sum()) == size - int(round(0.7 * size))
+        assert int(serial[n].sum()) == n_keep
         if lead:
-            kept = greedy_order(arrays[n].reshape(3, -1), size - int(round(0.7 * size)))
+            kept = greedy_order(arrays[n].reshape(3, -1), n_keep, method="reference")
             assert np.flatnonzero(serial[n].reshape(-1)).tolist() == sorted(kept.tolist())
 
 

@@ -73,7 +73,8 @@ def _prepare(importance: np.ndarray, n_keep: int) -> tuple[np.ndarray, int, np.n
         return imp, n_keep, np.arange(n_keep, dtype=np.int64), np.zeros_like(totals)
     if active.all():
         return imp, n_keep, None, _shares(totals)
-    return imp[active], n_keep, None, _shares(totals[active])
+    imp = imp[active]  # totals again from the copy, so the reference loop (which re-prepares it) agrees to the bit
+    return imp, n_keep, None, _shares(imp.sum(axis=1))
 
 
 def order_reference(importance: np.ndarray, n_keep: int) -> np.ndarray:
