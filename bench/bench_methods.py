@@ -14,8 +14,10 @@ means meet it.
 Main table: unstructured (per-weight) pruning, per-layer scope (the FairGRAPE paper's), one shot and no
 fine-tuning, so the table compares the criteria themselves; the paper prunes iteratively (10 % of the
 remaining weights per step) and retrains between steps and after, for every method it compares.
-`--finetune-epochs N` fine-tunes every method. `--structured` gives the second table: channel pruning at 0.3/0.5 with 2 fine-tuning epochs
-for magnitude, taylor and fairgrape on adult_mlp and mobilenet_digits.
+`--finetune-epochs N` fine-tunes every method; `--iterations T --step-epochs M` runs the paper's cycle
+(T nested steps, M fine-tuning epochs between them, importance recomputed on the retrained model).
+`--structured` gives the second table: channel pruning at 0.3/0.5 with 2 fine-tuning epochs for
+magnitude, taylor and fairgrape on adult_mlp and mobilenet_digits.
 
     python bench/bench_methods.py --out results.json             # main table (long on 2 cores)
     python bench/bench_methods.py --structured --out struct.json
