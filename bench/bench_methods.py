@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -76,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--structured", action="store_true", help="channel pruning with fine-tuning (second table)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="default 0 unstructured, 2 structured")
     p.add_argument("--bilevel-steps", type=int, default=100)
-    p.add_argument("--iterations", type=int, default=1,
-                   help="prune in N nested steps, importance recomputed each step (bilevel always runs once)")
+    p.add_argument("--iterations", default="1",
+                   help="prune in N nested steps, importance recomputed each step (bilevel always runs once); "
+                        "'paper': 10%% of the remaining weights per step")
     p.add_argument("--step-epochs", type=int, default=0,
                    help="with --iterations: fine-tune this many epochs between steps (the FairGRAPE paper's cycle)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
@@ -101,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.iterations != "paper" and not (a.iterations.isdigit() and int(a.iterations) >= 1):
+        raise SystemExit(f"--iterations: a step count (1 or more) or 'paper', not {a.iterations!r}")
     a.models = _names(a.models, FIXTURES, "--models")
     a.methods = _names(a.methods, METHODS, "--methods")
     a.sparsities = [float(s) for s in a.sparsities.split(",") if s.strip()]
@@ -131,8 +135,16 @@ def run_key(r: dict) -> tuple:
             int(r.get("step_epochs", 0)))
 
 
-def _iterations(criterion: str, args: argparse.Namespace) -> int:
-    return 1 if criterion == "bilevel" else args.iterations
+def schedule(criterion: str, sparsity: float, args: argparse.Namespace) -> dict:
+    """iterations and step_epochs of one run. bilevel always runs once; `--iterations paper` removes 10 %
+    of the remaining weights per step, as the FairGRAPE paper does (ceil(log(1 - s) / log 0.9) steps)."""
+    if criterion == "bilevel":
+        return {"iterations": 1, "step_epochs": 0}
+    if args.iterations == "paper":
+        its = max(1, math.ceil(math.log(1.0 - sparsity) / math.log(0.9) - 1e-9))
+    else:
+        its = int(args.iterations)
+    return {"iterations": its, "step_epochs": args.step_epochs if its > 1 else 0}
 
 
 def calib_subsample(calib: GroupedDataset, seed: int, fraction: float = CALIB_FRACTION) -> GroupedDataset:
@@ -149,7 +161,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
-        iterations=_iterations(base, args), step_epochs=args.step_epochs if _iterations(base, args) > 1 else 0,
+        **schedule(base, sparsity, args),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()
@@ -162,8 +174,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
         "model": name, "method": method, "criterion": base, "loss": loss, "structured": args.structured,
         "scope": args.scope, "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
         "bilevel_steps": args.bilevel_steps if base == "bilevel" else 0, "calib_fraction": args.calib_fraction,
-        "eval_split": args.eval_split, "iterations": _iterations(base, args),
-        "step_epochs": args.step_epochs if _iterations(base, args) > 1 else 0, "n_calib": len(fit), "n_eval": len(eval_ds),
+        "eval_split": args.eval_split, **schedule(base, sparsity, args), "n_calib": len(fit), "n_eval": len(eval_ds),
         "dense_accuracy": dense["overall"]["accuracy"], "accuracy": pruned["overall"]["accuracy"],
         "std_delta": deg["std_delta"], "max_excess_gap": deg["max_excess_gap"],
         "overall_delta": deg["overall_delta"], "group_deltas": deg["groups"],
@@ -204,8 +215,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         probe = {"model": name, "method": method, "structured": args.structured, "scope": args.scope,
                  "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
                  "bilevel_steps": args.bilevel_steps, "calib_fraction": args.calib_fraction,
-                 "eval_split": args.eval_split, "iterations": _iterations(METHODS[method][0], args),
-                 "step_epochs": args.step_epochs if _iterations(METHODS[method][0], args) > 1 else 0}
+                 "eval_split": args.eval_split, **schedule(METHODS[method][0], sparsity, args)}
         if run_key(probe) in done:
             continue
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
@@ -290,11 +300,12 @@ def caption(rows: list[dict]) -> str:
     r = rows[0]
     kind = "structured (channels)" if r["structured"] else "unstructured (weights)"
     ft = f", fine-tuned {r['finetune_epochs']} epochs" if r["finetune_epochs"] else ", no fine-tuning"
-    its = max(int(x.get("iterations", 1)) for x in rows)  # bilevel rows always run once
+    its = sorted({int(x.get("iterations", 1)) for x in rows if x["method"] != "bilevel"} or {1})
     between = max(int(x.get("step_epochs", 0)) for x in rows)
-    steps = f", {its} nested steps (importance recomputed each step" + (
+    counts = f"{its[0]}" if len(its) == 1 else f"{', '.join(map(str, its))} (10 % of the remaining weights each)"
+    steps = f", {counts} nested steps (importance recomputed each step" + (
         f", {between} fine-tuning epochs between steps)" if between else ")")
-    ft = (steps if its > 1 else ", one shot") + ft
+    ft = (steps if its[-1] > 1 else ", one shot") + ft
     steps = sorted({x["bilevel_steps"] for x in rows if x["method"] == "bilevel"})
     bl = f"; bilevel {', '.join(map(str, steps))} steps" if steps else ""
     seeds = sorted({x["seed"] for x in rows})
@@ -358,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                 and r["structured"] == args.structured and r["scope"] == args.scope
                 and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction
                 and r.get("eval_split", "eval") == args.eval_split
-                and int(r.get("iterations", 1)) == _iterations(r["criterion"], args)
-                and int(r.get("step_epochs", 0)) == (args.step_epochs if _iterations(r["criterion"], args) > 1 else 0)]
+                and {"iterations": int(r.get("iterations", 1)), "step_epochs": int(r.get("step_epochs", 0))}
+                == schedule(r["criterion"], float(r["sparsity"]), args)]
     if not rows:
         raise SystemExit("no runs to tabulate")
     text, md = render(rows, args.target_sparsity)
