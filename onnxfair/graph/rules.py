@@ -320,18 +320,29 @@ def r_shape(w: Walker, idx: int, node: onnx.NodeProto) -> None:
     return None  # the value is traced; uses of a channel dim are checked where consumed
 
 
-@rule("Conv")
-def r_conv(w: Walker, idx: int, node: onnx.NodeProto) -> None:
+def _conv_inputs(w: Walker, idx: int, node: onnx.NodeProto):
+    """(input, weight, bias or "", weight dims, input channel layout or None) of a Conv/ConvTranspose, or
+    None when its weight or bias is computed (then its inputs are frozen). A layout on another axis than
+    1 is frozen and dropped."""
     x, wn = node.input[0], node.input[1]
     b = node.input[2] if len(node.input) > 2 and node.input[2] else ""
     wd = w.const_dims(wn)
     tc = w.lay.get(x)
     if wd is None or (b and w.const_dims(b) is None):
-        w.freeze_inputs(idx, f"Conv {w.label(idx)} has a computed weight")
-        return
+        w.freeze_inputs(idx, f"{node.op_type} {w.label(idx)} has a computed weight")
+        return None
     if tc is not None and tc.axis != 1:
-        w.freeze_tc(tc, f"Conv {w.label(idx)} reads channels on axis {tc.axis}")
+        w.freeze_tc(tc, f"{node.op_type} {w.label(idx)} reads channels on axis {tc.axis}")
         tc = None
+    return x, wn, b, wd, tc
+
+
+@rule("Conv")
+def r_conv(w: Walker, idx: int, node: onnx.NodeProto) -> None:
+    inputs = _conv_inputs(w, idx, node)
+    if inputs is None:
+        return
+    x, wn, b, wd, tc = inputs
     g = int(_attrs(node).get("group", 1))
     cout, cin = wd[0], wd[1] * g
     rank = w.rank(x) or len(wd)
@@ -362,16 +373,10 @@ def r_conv(w: Walker, idx: int, node: onnx.NodeProto) -> None:
 
 @rule("ConvTranspose")
 def r_convt(w: Walker, idx: int, node: onnx.NodeProto) -> None:
-    x, wn = node.input[0], node.input[1]
-    b = node.input[2] if len(node.input) > 2 and node.input[2] else ""
-    wd = w.const_dims(wn)
-    tc = w.lay.get(x)
-    if wd is None or (b and w.const_dims(b) is None):
-        w.freeze_inputs(idx, f"ConvTranspose {w.label(idx)} has a computed weight")
+    inputs = _conv_inputs(w, idx, node)
+    if inputs is None:
         return
-    if tc is not None and tc.axis != 1:
-        w.freeze_tc(tc, f"ConvTranspose {w.label(idx)} reads channels on axis {tc.axis}")
-        tc = None
+    x, wn, b, wd, tc = inputs
     g = int(_attrs(node).get("group", 1))
     cin, cout = wd[0], wd[1] * g
     rank = w.rank(x) or len(wd)
