@@ -136,12 +136,15 @@ def _pooled_order(units: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
     return lid[o], fl[o]
 
 
-def _layer_order(sc: np.ndarray, idx: np.ndarray, tr: np.ndarray | None, per_group: bool, n_needed: int) -> np.ndarray:
+def _layer_order(sc: np.ndarray, idx: np.ndarray | None, tr: np.ndarray | None, per_group: bool,
+                 n_needed: int) -> np.ndarray:
+    """The layer's alive units (`idx`, or None when all are alive: ranked as they are, no gathered copy),
+    most important first."""
     if per_group:
-        everyone = idx.size == sc.shape[1]  # nothing masked yet: rank the rows as they are, no gathered copy
-        order = greedy_order(sc if everyone else sc[:, idx], min(n_needed, idx.size))
-        return order if everyone else idx[order]
-    return _scalar_order(sc, tr, idx)
+        if idx is None:
+            return greedy_order(sc, min(n_needed, sc.shape[1]))
+        return idx[greedy_order(sc[:, idx], min(n_needed, idx.size))]
+    return _by_tier_then_score(sc, tr) if idx is None else _scalar_order(sc, tr, idx)
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -166,7 +169,7 @@ def select_weights(
         sc = sc.reshape(K, -1) if scores.per_group else sc.reshape(-1)
         alive = np.asarray(scores.weight_alive[n], dtype=bool).reshape(-1)
         flat_scores.append(sc)
-        alive_idx.append(np.flatnonzero(alive))
+        alive_idx.append(None if alive.all() else np.flatnonzero(alive))
         tr = scores.weight_tier[n].reshape(-1) if scores.weight_tier else None
         tiers.append(tr)
         sizes.append(alive.size)
@@ -174,7 +177,7 @@ def select_weights(
     if scope == "layer":
         def kept(i: int) -> np.ndarray:
             idx, size = alive_idx[i], sizes[i]
-            n_keep = min(size - int(round(sparsity * size)), idx.size)
+            n_keep = min(size - int(round(sparsity * size)), size if idx is None else idx.size)
             return _layer_order(flat_scores[i], idx, tiers[i], scores.per_group, n_keep)[:n_keep]
 
         largest_first = sorted(range(len(names)), key=lambda i: -sizes[i])  # balances the threads' loads
@@ -186,6 +189,7 @@ def select_weights(
         for i, n in enumerate(names):
             masks[n].reshape(-1)[keeps[i]] = 1.0
         return masks
+    alive_idx = [np.arange(size) if idx is None else idx for idx, size in zip(alive_idx, sizes)]
     total = sum(sizes)
     n_keep = min(total - int(round(sparsity * total)), sum(i.size for i in alive_idx))
     lid, fl = _pooled_order(list(zip(flat_scores, alive_idx, tiers)), scores.per_group, n_keep, normalise)

@@ -178,6 +178,9 @@ def test_rejects_negative_or_nan():
         greedy_order(np.array([[1.0, -1.0]]), 1)
     with pytest.raises(ValueError):
         greedy_order(np.array([[1.0, np.nan]]), 1)
+    for bad in (np.inf, -np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            greedy_order(np.array([[1.0, 2.0], [bad, 1.0]]), 1)
 
 
 @pytest.mark.parametrize("depth", [1, 7, 500, 3500, 4999, 5000, 9000])
@@ -199,15 +202,16 @@ def test_sorted_heads_are_exact_prefixes_of_the_full_lists(depth):
 def test_sorted_heads_on_large_pools_sampled_cut_and_its_fallback(layout):
     # the head's cut is estimated from a strided sample; "strided" puts all large values exactly on the
     # sampled positions, so the estimate admits too few units and the exact cut must take over
-    from onnxfair.importance.fairgrape import _head_members, _sorted_heads
+    from onnxfair.importance.fairgrape import _SAMPLE, _head_members, _sorted_heads
 
     n, depth = 300000, 150000
     rng = np.random.default_rng(11)
     imp = rng.random((2, n))
     if layout == "strided":
-        imp[:, :: max(1, n // 65536)] += 10.0
-    members = _head_members(imp[0], depth)
+        imp[:, :: max(1, n // _SAMPLE)] += 10.0
+    members, values = _head_members(imp[0], depth)
     assert members.size >= depth
+    assert (np.diff(members) > 0).all() and np.array_equal(values, imp[0, members])
     assert np.count_nonzero(imp[0] >= imp[0, members].min()) == members.size  # everything above a cut: the depth largest and more
     lists, lengths = _sorted_heads(imp, depth)
     for g in range(2):
@@ -232,3 +236,16 @@ def test_kernel_compiles_without_a_writable_cache(monkeypatch):
     for unit_major, rows in ((True, np.ascontiguousarray(imp.T)), (False, imp)):
         got = module.greedy_picks(150, lists, np.full(3, 300), rows, share_targets(imp), unit_major)
         assert got.tolist() == order_reference(imp, 150).tolist()
+
+
+def test_kernel_stops_short_instead_of_reading_past_a_head():
+    # heads of n_keep units always suffice (see _sorted_heads); given shorter ones, the kernel returns the
+    # picks it could make, which are the reference's first picks, and never reads past a head's length
+    from onnxfair.importance.greedy_kernel import greedy_picks
+
+    imp = np.random.default_rng(6).random((3, 2000))
+    lists = np.stack([descending_order(imp[g]) for g in range(3)])
+    lists[:, 40:] = lists[0, 1999]  # past the heads: the least important unit, which would show if read
+    got = greedy_picks(500, lists, np.full(3, 40), imp, share_targets(imp), False)
+    assert 40 <= got.size < 120 and lists[0, 1999] not in got
+    assert got.tolist() == order_reference(imp, got.size).tolist()
