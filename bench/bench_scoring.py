@@ -9,7 +9,7 @@
 (b) FairGRAPE's greedy share-keeping selection on ResNet-18's layer shapes (11.7M weights), random
     heavy-tailed importances correlated across 2-4 groups, per layer: the product's selection
     (`select_weights`: the numba-compiled pick loop, on one thread and on two threads ranking layers at
-    once; the one-off compilation is timed separately) against
+    once; median of 3 calls; the one-off compilation is timed separately) against
     the per-weight loop of the published code (timed on a prefix of one layer, extrapolated per kept
     weight) and against a plain per-pick numpy loop. The selected sets are checked equal. Then the
     scalar criteria's ranking (taylor, magnitude) on the same shapes, against numpy's lexsort.
@@ -285,10 +285,15 @@ def _scores(criterion: str, layers: list[np.ndarray], K: int) -> Scores:
                   group_labels=[f"g{k}" for k in range(K)] if criterion == "fairgrape" else [])
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+def _timed(fn, repeat: int = 3):
+    """Median seconds of `repeat` calls (the machine is shared: single calls vary by ±15 %), and the
+    last call's result."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
 
 
 def bench_scalar_ranking(sparsity: float, scale: float) -> None:
