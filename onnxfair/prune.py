@@ -6,6 +6,7 @@ initializer names, so masks, scores and fine-tuned weights map back without tran
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import platform
@@ -122,27 +123,35 @@ class PruneResult:
 
 
 class _Timer:
-    """Wall time per phase, reported under `timing`."""
+    """Wall time per phase, reported under `timing`. Phases are exclusive: one opened inside another
+    (fine-tuning between iterative steps, inside score+select) pauses it, so the figures add up."""
 
     def __init__(self, progress: Callable[[str], None]):
         self.phases: dict[str, float] = {}
         self.progress = progress
+        self._open: list[list] = []  # [name, start of its current stretch]
 
+    def _charge(self, now: float) -> None:
+        if self._open:
+            name, start = self._open[-1]
+            self.phases[name] = self.phases.get(name, 0.0) + now - start
+
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                timer.progress(f"[{name}] ...")
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                dt = time.perf_counter() - self.t0
-                timer.phases[name] = timer.phases.get(name, 0.0) + dt
-                if exc[0] is None:
-                    timer.progress(f"[{name}] done in {dt:.2f}s")
-
-        return _Phase()
+        self.progress(f"[{name}] ...")
+        t0 = time.perf_counter()
+        self._charge(t0)
+        self._open.append([name, t0])
+        before = self.phases.get(name, 0.0)
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._charge(now)
+            self._open.pop()
+            if self._open:
+                self._open[-1][1] = now
+        self.progress(f"[{name}] done in {self.phases[name] - before:.2f}s")
 
 
 def versions() -> dict[str, str]:
@@ -227,7 +236,7 @@ def prune_model(
     from onnxfair.pruning_steps import finetune_and_write_back, select_masks
 
     with timer("score+select"):
-        keep, masks, mod, steps_trained = select_masks(dense, an, units, fit, cfg, progress)
+        keep, masks, mod, steps_trained = select_masks(dense, an, units, fit, cfg, progress, timer)
     if steps_trained:
         structure["step_finetune"] = steps_trained
 

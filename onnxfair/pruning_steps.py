@@ -5,7 +5,8 @@ Split from prune.py so that module reads as the data flow while this one holds t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import onnx
@@ -39,10 +40,12 @@ def _to_torch_masks(masks: dict[str, np.ndarray], device: str) -> dict[str, torc
 
 
 def select_masks(
-    dense: onnx.ModelProto, an: Any, units: list, fit: GroupedDataset | None, cfg: Any, progress: Callable[[str], None]
+    dense: onnx.ModelProto, an: Any, units: list, fit: GroupedDataset | None, cfg: Any, progress: Callable[[str], None],
+    timer: Callable[[str], ContextManager] | None = None,
 ) -> tuple[dict[int, np.ndarray] | None, dict[str, np.ndarray], Any, list[dict]]:
     """Keep-sets (structured) and element masks for the chosen method; returns the interpreter too (its
     weights trained when --step-epochs fine-tuned between steps) and the record of those fine-tunings.
+    `timer(phase)`, when given, times each between-step fine-tuning as the phase "step-finetune".
 
     Structured masks are consumer-side channel masks (what the interpreter must apply to equal the
     physically pruned graph); unstructured masks are per-weight.
@@ -90,7 +93,9 @@ def select_masks(
             masks = {k: (v * masks[k] if k in masks else v) for k, v in new.items()}
         if cfg.step_epochs and step < len(schedule):  # the FairGRAPE paper's cycle: retrain before rescoring
             progress(f"  step {step}/{len(schedule)}: fine-tuning {cfg.step_epochs} epochs")
-            steps_trained.append({"step": step, **finetune_masked(dense, mod, masks, fit, cfg, cfg.step_epochs, progress)})
+            with timer("step-finetune") if timer is not None else contextlib.nullcontext():
+                record = finetune_masked(dense, mod, masks, fit, cfg, cfg.step_epochs, progress)
+            steps_trained.append({"step": step, **record})
     mod.set_masks(None)
     return keep, masks, mod, steps_trained
 

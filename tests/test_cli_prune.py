@@ -132,6 +132,7 @@ def test_step_epochs_retrain_between_steps_and_the_trained_weights_are_written(t
     assert [s["step"] for s in steps] == [1] and rep["method"]["step_epochs"] == 2
     assert steps[0]["best_epoch"] >= 1  # training helped on validation, so its weights were kept
     assert "step_finetune" not in rep_plain["structure"]
+    assert rep["timing"]["step-finetune"] > 0 and "step-finetune" not in rep_plain["timing"]
     w_plain, w_trained = initializer_arrays(onnx.load(plain)), initializer_arrays(onnx.load(trained))
     for n, a in dense.items():
         if a.ndim != 2:
@@ -231,3 +232,22 @@ def test_bilevel_options_reach_the_run_and_target_macs_is_met(tmp_path):
                     "--bilevel-steps", "5", "--bilevel-alpha", "0.25", "--threads", "1")
     assert rep["method"]["bilevel_steps"] == 5 and rep["method"]["bilevel_alpha"] == 0.25
     assert 0.4 < rep["cost"]["macs_ratio"] <= 0.5
+
+
+def test_timer_phases_are_exclusive_and_add_up(monkeypatch):
+    # a phase opened inside another pauses it: fine-tuning between steps is not counted as score+select
+    from onnxfair import prune as prune_mod
+
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 12.0])
+    monkeypatch.setattr(prune_mod.time, "perf_counter", lambda: next(clock))
+    lines = []
+    timer = prune_mod._Timer(lines.append)
+    with timer("score+select"):  # opens at 0
+        with timer("step-finetune"):  # 1 .. 3
+            pass
+        # score+select resumes at 3
+    # closes at 4: 1 + 1 seconds of its own
+    with timer("rewrite"):  # 10 .. 12
+        pass
+    assert timer.phases == {"score+select": 2.0, "step-finetune": 2.0, "rewrite": 2.0}
+    assert lines[-1] == "[rewrite] done in 2.00s" and "[step-finetune] done in 2.00s" in lines
