@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-epochs", type=int, default=0,
                    help="with --iterations: fine-tune this many epochs between steps (the FairGRAPE paper's cycle)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
+    p.add_argument("--repair", default="none", choices=["none", "balanced", "plain"],
+                   help="statistics repair after selection, before any fine-tuning (onnxfair prune --repair)")
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
                    help="seeded, group-stratified share of the calibration split each run prunes with (1: all)")
     p.add_argument("--eval-split", default="eval", choices=["eval", "holdout"],
@@ -132,7 +134,7 @@ def run_key(r: dict) -> tuple:
     return (r["model"], r["method"], r["structured"], r["scope"], float(r["sparsity"]), int(r["seed"]),
             int(r["finetune_epochs"]), int(r["bilevel_steps"]) if r["method"] == "bilevel" else 0,
             float(r.get("calib_fraction", CALIB_FRACTION)), r.get("eval_split", "eval"), int(r.get("iterations", 1)),
-            int(r.get("step_epochs", 0)))
+            int(r.get("step_epochs", 0)), r.get("repair", "none"))
 
 
 def schedule(criterion: str, sparsity: float, args: argparse.Namespace) -> dict:
@@ -161,7 +163,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
-        **schedule(base, sparsity, args),
+        repair=args.repair, **schedule(base, sparsity, args),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()
@@ -174,7 +176,8 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
         "model": name, "method": method, "criterion": base, "loss": loss, "structured": args.structured,
         "scope": args.scope, "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
         "bilevel_steps": args.bilevel_steps if base == "bilevel" else 0, "calib_fraction": args.calib_fraction,
-        "eval_split": args.eval_split, **schedule(base, sparsity, args), "n_calib": len(fit), "n_eval": len(eval_ds),
+        "eval_split": args.eval_split, **schedule(base, sparsity, args), "repair": args.repair,
+        "n_calib": len(fit), "n_eval": len(eval_ds),
         "dense_accuracy": dense["overall"]["accuracy"], "accuracy": pruned["overall"]["accuracy"],
         "std_delta": deg["std_delta"], "max_excess_gap": deg["max_excess_gap"],
         "overall_delta": deg["overall_delta"], "group_deltas": deg["groups"],
@@ -215,7 +218,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         probe = {"model": name, "method": method, "structured": args.structured, "scope": args.scope,
                  "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
                  "bilevel_steps": args.bilevel_steps, "calib_fraction": args.calib_fraction,
-                 "eval_split": args.eval_split, **schedule(METHODS[method][0], sparsity, args)}
+                 "eval_split": args.eval_split, "repair": args.repair, **schedule(METHODS[method][0], sparsity, args)}
         if run_key(probe) in done:
             continue
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
@@ -306,6 +309,8 @@ def caption(rows: list[dict]) -> str:
     steps = f", {counts} nested steps (importance recomputed each step" + (
         f", {between} fine-tuning epochs between steps)" if between else ")")
     ft = (steps if its[-1] > 1 else ", one shot") + ft
+    repair = r.get("repair", "none")
+    ft += f", {repair} statistics repair" if repair != "none" else ""
     steps = sorted({x["bilevel_steps"] for x in rows if x["method"] == "bilevel"})
     bl = f"; bilevel {', '.join(map(str, steps))} steps" if steps else ""
     seeds = sorted({x["seed"] for x in rows})
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in rows if (r["model"], r["method"], float(r["sparsity"]), r["seed"]) in keys
                 and r["structured"] == args.structured and r["scope"] == args.scope
                 and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction
-                and r.get("eval_split", "eval") == args.eval_split
+                and r.get("eval_split", "eval") == args.eval_split and r.get("repair", "none") == args.repair
                 and {"iterations": int(r.get("iterations", 1)), "step_epochs": int(r.get("step_epochs", 0))}
                 == schedule(r["criterion"], float(r["sparsity"]), args)]
     if not rows:

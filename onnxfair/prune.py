@@ -23,6 +23,7 @@ from onnxfair.errors import UsageError
 
 GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
+REPAIR_MODES = ("none", "balanced", "plain")  # statistics repair after selection (onnxfair.repair)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -42,6 +43,7 @@ class PruneConfig:
     gamma: float = 5.0
     finetune_epochs: int = 0
     step_epochs: int = 0  # fine-tuning between iterative steps (before rescoring), as the FairGRAPE paper retrains
+    repair: str = "none"  # statistics repair after selection: none | balanced | plain (see repair.py)
     finetune_loss: str = "ce"
     finetune_lr: float = 1e-3
     finetune_eps: float = 0.02
@@ -84,6 +86,10 @@ class PruneConfig:
             raise UsageError("--step-epochs needs --data and --groups")
         if self.round_to < 1:
             raise UsageError("--round-to must be at least 1 (1 disables rounding)")
+        if self.repair not in REPAIR_MODES:
+            raise UsageError(f"unknown --repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
+        if self.repair != "none" and not has_data:
+            raise UsageError("--repair measures statistics on data: pass --data and --groups (or --repair none)")
 
 
 @dataclass
@@ -233,18 +239,21 @@ def prune_model(
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
 
-    from onnxfair.pruning_steps import finetune_and_write_back, select_masks
+    from onnxfair.pruning_steps import finetune_and_write_back, repair_masked, select_masks
 
     with timer("score+select"):
         keep, masks, mod, steps_trained = select_masks(dense, an, units, fit, cfg, progress, timer)
     if steps_trained:
         structure["step_finetune"] = steps_trained
 
+    if cfg.repair != "none":
+        with timer("repair"):
+            structure["repair"] = repair_masked(dense, mod, masks, fit, cfg, progress)
     if cfg.finetune_epochs:
         with timer("finetune"):
             dense_for_rewrite, structure["finetune"] = finetune_and_write_back(dense, mod, masks, fit, cfg, progress)
-    elif cfg.method == "bilevel" or steps_trained:
-        dense_for_rewrite = mod.to_onnx(dense)  # weights trained with the masks (bi-level, or between steps)
+    elif cfg.method == "bilevel" or steps_trained or cfg.repair != "none":
+        dense_for_rewrite = mod.to_onnx(dense)  # weights trained or repaired with the masks
     else:
         dense_for_rewrite = dense
 

@@ -135,6 +135,19 @@ def finetune_and_write_back(
     return mod.to_onnx(dense), res
 
 
+def repair_masked(
+    dense: onnx.ModelProto, mod: Any, masks: dict[str, np.ndarray], fit: GroupedDataset, cfg: Any,
+    progress: Callable[[str], None],
+) -> dict:
+    """--repair: renormalise the pruned layers' output channels to the dense model's statistics on --data
+    (group-balanced unless --repair plain), in place; leaves the masks set. Returns the report's record."""
+    from onnxfair.repair import repair_statistics
+
+    mod.set_masks(_to_torch_masks(masks, str(torch_device(cfg.device))))
+    return repair_statistics(mod, dense, masks, fit, balanced=cfg.repair == "balanced",
+                             batch_size=max(cfg.batch_size, 256), progress=progress)
+
+
 def finetune_masked(
     dense: onnx.ModelProto, mod: Any, masks: dict[str, np.ndarray], fit: GroupedDataset, cfg: Any, epochs: int,
     progress: Callable[[str], None],
