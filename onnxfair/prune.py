@@ -239,20 +239,16 @@ def prune_model(
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
 
-    from onnxfair.pruning_steps import finetune_and_write_back, repair_masked, select_masks
+    from onnxfair.pruning_steps import finetune_and_write_back, select_masks
 
     with timer("score+select"):
-        keep, masks, mod, steps_trained = select_masks(dense, an, units, fit, cfg, progress, timer)
-    if steps_trained:
-        structure["step_finetune"] = steps_trained
+        keep, masks, mod, records = select_masks(dense, an, units, fit, cfg, progress, timer)
+    structure.update(records)
 
-    if cfg.repair != "none":
-        with timer("repair"):
-            structure["repair"] = repair_masked(dense, mod, masks, fit, cfg, progress)
     if cfg.finetune_epochs:
         with timer("finetune"):
             dense_for_rewrite, structure["finetune"] = finetune_and_write_back(dense, mod, masks, fit, cfg, progress)
-    elif cfg.method == "bilevel" or steps_trained or cfg.repair != "none":
+    elif cfg.method == "bilevel" or records:
         dense_for_rewrite = mod.to_onnx(dense)  # weights trained or repaired with the masks
     else:
         dense_for_rewrite = dense

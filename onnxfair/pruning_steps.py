@@ -42,10 +42,11 @@ def _to_torch_masks(masks: dict[str, np.ndarray], device: str) -> dict[str, torc
 def select_masks(
     dense: onnx.ModelProto, an: Any, units: list, fit: GroupedDataset | None, cfg: Any, progress: Callable[[str], None],
     timer: Callable[[str], ContextManager] | None = None,
-) -> tuple[dict[int, np.ndarray] | None, dict[str, np.ndarray], Any, list[dict]]:
+) -> tuple[dict[int, np.ndarray] | None, dict[str, np.ndarray], Any, dict]:
     """Keep-sets (structured) and element masks for the chosen method; returns the interpreter too (its
-    weights trained when --step-epochs fine-tuned between steps) and the record of those fine-tunings.
-    `timer(phase)`, when given, times each between-step fine-tuning as the phase "step-finetune".
+    weights repaired after each step with --repair, trained between steps with --step-epochs) and the
+    report's records of those updates (`step_finetune`, `repair`). `timer(phase)`, when given, times them
+    as the phases "repair" and "step-finetune".
 
     Structured masks are consumer-side channel masks (what the interpreter must apply to equal the
     physically pruned graph); unstructured masks are per-weight.
@@ -60,16 +61,30 @@ def select_masks(
         torch.set_num_threads(cfg.threads)
     device = str(torch_device(cfg.device))
     mod = build_module(dense, cfg.device)
+    records: dict = {}
+
+    def phase(name: str):
+        return timer(name) if timer is not None else contextlib.nullcontext()
+
+    def repair(masks: dict[str, np.ndarray]) -> None:
+        # the paper's models keep BatchNorm, which retraining re-normalises after every step; folded into the
+        # exported convolutions it cannot, so each step's masks are repaired before anything is rescored
+        if cfg.repair != "none":
+            with phase("repair"):
+                record = repair_masked(dense, mod, masks, fit, cfg, progress)
+            records["repair"] = {**record, "steps": records.get("repair", {}).get("steps", 0) + 1}
 
     if cfg.method == "bilevel":
-        return _bilevel(dense, an, units, fit, cfg, mod, progress)
+        keep, masks, mod = _bilevel(dense, an, units, fit, cfg, mod, progress)
+        repair(masks)
+        mod.set_masks(None)
+        return keep, masks, mod, records
 
     dense_probs = dense_probabilities(mod, fit) if (cfg.loss == "pw" and fit is not None) else None
     weights = weight_names(dense)
     keep: dict[int, np.ndarray] | None = None
     masks: dict[str, np.ndarray] = {}
     schedule = _keep_fraction_schedule(cfg)
-    steps_trained: list[dict] = []
     for step, budget in enumerate(schedule, 1):
         if len(schedule) > 1:
             progress(f"  step {step}/{len(schedule)}: " + ", ".join(f"{k} {v:.3f}" for k, v in budget.items()))
@@ -91,13 +106,14 @@ def select_masks(
         else:
             new = select_weights(scores, budget["sparsity"], scope=cfg.scope, threads=cfg.threads or torch.get_num_threads())
             masks = {k: (v * masks[k] if k in masks else v) for k, v in new.items()}
+        repair(masks)
         if cfg.step_epochs and step < len(schedule):  # the FairGRAPE paper's cycle: retrain before rescoring
             progress(f"  step {step}/{len(schedule)}: fine-tuning {cfg.step_epochs} epochs")
-            with timer("step-finetune") if timer is not None else contextlib.nullcontext():
+            with phase("step-finetune"):
                 record = finetune_masked(dense, mod, masks, fit, cfg, cfg.step_epochs, progress)
-            steps_trained.append({"step": step, **record})
+            records.setdefault("step_finetune", []).append({"step": step, **record})
     mod.set_masks(None)
-    return keep, masks, mod, steps_trained
+    return keep, masks, mod, records
 
 
 def _bilevel(dense, an, units, fit, cfg, mod, progress):
@@ -122,8 +138,8 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
         progress=progress, **budget,
     )
     if cfg.structured:
-        return res.keep, channel_masks(an, res.keep), mod, []
-    return None, res.masks, mod, []
+        return res.keep, channel_masks(an, res.keep), mod
+    return None, res.masks, mod
 
 
 def finetune_and_write_back(

@@ -182,3 +182,17 @@ def test_cli_repair_needs_data(tmp_path):
     r = CliRunner().invoke(cli, ["prune", str(FIXTURES / "adult_mlp.onnx"), "--method", "magnitude", "--sparsity", "0.5",
                                  "--repair", "plain", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "--repair measures statistics on data" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("extra, steps", [(["--iterations", "3"], 3), (["--method", "bilevel", "--bilevel-steps", "5"], 1)])
+def test_cli_repair_after_every_step_and_after_bilevel(tmp_path, extra, steps):
+    # iterative pruning repairs each step's masks before rescoring (the paper's models re-normalise through
+    # BatchNorm while retraining); bi-level's masks are repaired once
+    r = CliRunner().invoke(cli, ["prune", str(FIXTURES / "adult_mlp.onnx"), "--data", str(FIXTURES / "adult_calib.npz"),
+                                 "--groups", "race", "--method", "magnitude", "--unstructured", "--sparsity", "0.8",
+                                 "--repair", "balanced", "--no-latency", "--json", "-", "-o", str(tmp_path / "r.onnx"),
+                                 *extra])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)["structure"]["repair"]
+    assert rep["steps"] == steps and rep["layers"] == 3
+    assert r.stderr.count("repair 1/3") == steps
