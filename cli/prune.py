@@ -34,8 +34,9 @@ from onnxfair.report import format_prune
 @click.option("--step-epochs", default=0, show_default=True, type=int,
               help="With --iterations: fine-tune this many epochs after each step but the last, before rescoring.")
 @click.option("--repair", default="none", show_default=True, type=click.Choice(["none", "balanced", "plain"]),
-              help="After selection, rescale each pruned layer's output channels to the dense model's mean and std on "
-                   "--data (no gradients; for BatchNorm-folded CNNs). balanced: every group weighs the same in those statistics.")
+              help="After selection (each step's, with --iterations), rescale each pruned layer's output channels to the dense "
+                   "model's mean and std on --data (no gradients; for BatchNorm-folded CNNs). balanced: every group weighs "
+                   "the same in those statistics.")
 @click.option("--finetune-loss", default="ce", show_default=True, type=click.Choice(["ce", "pw", "equalized", "ceag"]))
 @click.option("--finetune-lr", default=1e-3, show_default=True, type=float)
 @click.option("--eps", "finetune_eps", default=0.02, show_default=True, type=float, help="ceag: tolerated excess accuracy gap ε.")
