@@ -161,7 +161,7 @@ def repair_masked(
 
     mod.set_masks(_to_torch_masks(masks, str(torch_device(cfg.device))))
     return repair_statistics(mod, dense, masks, fit, balanced=cfg.repair == "balanced",
-                             batch_size=max(cfg.batch_size, 256), progress=progress)
+                             batch_size=cfg.batch_size, progress=progress)
 
 
 def finetune_masked(

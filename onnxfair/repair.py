@@ -62,9 +62,14 @@ def repairable_layers(model: onnx.ModelProto) -> tuple[list[_Layer], list[dict]]
             uses[i] = uses.get(i, 0) + 1
     layers, skipped = [], []
     for n in model.graph.node:
-        if n.op_type not in ("Conv", "Gemm") or n.domain not in ("", "ai.onnx"):
+        if n.domain not in ("", "ai.onnx"):
             continue
         name = n.name or n.output[0]
+        if n.op_type in ("MatMul", "ConvTranspose") and any(i in inits for i in n.input):
+            skipped.append({"node": name, "reason": f"{n.op_type} is not repaired (Conv and Gemm are)"})
+            continue
+        if n.op_type not in ("Conv", "Gemm"):
+            continue
         w = n.input[1] if len(n.input) > 1 else ""
         b = n.input[2] if len(n.input) > 2 else ""
         reason = None
@@ -163,6 +168,9 @@ def repair_statistics(
     first = min(pruned_at) if pruned_at else len(order)
     layers = [l for l in layers if order[l.output] >= first]  # upstream of every mask nothing changed
     record = {"mode": "balanced" if balanced else "plain", "layers": len(layers), "skipped": skipped, "scales": {}}
+    if skipped:
+        progress(f"  repair leaves {len(skipped)} layer(s) as they are: "
+                 + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
     if not layers or len(ds) == 0:
         return record
     device = model_device(mod)

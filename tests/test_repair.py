@@ -155,9 +155,12 @@ def test_repairable_layers_skip_shared_weights():
     model.graph.node[2].input[1] = "w1x"  # conv2 now reads a weight another node also reads
     model.graph.node.append(helper.make_node("Identity", ["w1x"], ["unused"]))
     model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 6, 3, 3), np.float32), "w1x"))
+    model.graph.node.append(helper.make_node("MatMul", ["pooled", "w4"], ["extra"], name="mm"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 2), np.float32), "w4"))
     layers, skipped = repairable_layers(model)
     assert [l.node for l in layers] == ["conv1", "fc"]
-    assert skipped == [{"node": "conv2", "reason": "weight or bias shared with another node"}]
+    assert skipped == [{"node": "conv2", "reason": "weight or bias shared with another node"},
+                       {"node": "mm", "reason": "MatMul is not repaired (Conv and Gemm are)"}]
 
 
 def test_cli_repair_on_the_adult_mlp(tmp_path):
