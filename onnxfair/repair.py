@@ -30,6 +30,7 @@ import torch
 from onnx import helper
 
 from onnxfair.data import GroupedDataset
+from onnxfair.errors import ModelError
 
 __all__ = ["repair_statistics", "repairable_layers"]
 
@@ -79,8 +80,11 @@ def repairable_layers(model: onnx.ModelProto) -> tuple[list[_Layer], list[dict]]
             reason = "weight or bias shared with another node"
         elif n.op_type == "Gemm" and _attr(n, "transA", 0):
             reason = "Gemm with transA"
-        elif n.op_type == "Gemm" and (len(inits[b].dims) != 1 or float(_attr(n, "beta", 1.0)) == 0.0):
-            reason = "Gemm bias is not one value per output"
+        elif n.op_type == "Gemm" and (list(inits[b].dims) != [inits[w].dims[0 if _attr(n, "transB", 0) else 1]]
+                                      or float(_attr(n, "beta", 1.0)) == 0.0):
+            reason = "Gemm bias is not one value per output (broadcast or absent)"
+        elif n.op_type == "Conv" and list(inits[b].dims) != [inits[w].dims[0]]:
+            reason = "Conv bias is not one value per output channel"
         if reason:
             skipped.append({"node": name, "reason": reason})
             continue
@@ -89,6 +93,19 @@ def repairable_layers(model: onnx.ModelProto) -> tuple[list[_Layer], list[dict]]
         else:
             layers.append(_Layer(name, n.output[0], w, b, 0 if _attr(n, "transB", 0) else 1, float(_attr(n, "beta", 1.0))))
     return layers, skipped
+
+
+def _downstream_of_masks(model: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> set[str]:
+    """Names of the values that depend on a masked initializer (the nodes reading one, and everything after)."""
+    reached: set[str] = set()
+    changed = True
+    while changed:  # a fixpoint, so the walk does not rely on the nodes being listed in order
+        changed = False
+        for n in model.graph.node:
+            if any(i in masks or i in reached for i in n.input) and not all(o in reached for o in n.output if o):
+                reached.update(o for o in n.output if o)
+                changed = True
+    return reached
 
 
 def _row_weights(ds: GroupedDataset, balanced: bool) -> np.ndarray:
@@ -140,6 +157,8 @@ def _statistics(mod, names: list[str], ds: GroupedDataset, w: np.ndarray, batch_
             outs = mod(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()})
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
             for n in names:
+                if outs[index[n]].shape[0] != rows:
+                    raise _NotPerRow(n)
                 m1, m2 = _channel_moments(outs[index[n]], wb)
                 if n in sums:
                     sums[n][0] += m1
@@ -149,8 +168,15 @@ def _statistics(mod, names: list[str], ds: GroupedDataset, w: np.ndarray, batch_
     out = []
     for n in names:
         m1, m2 = (t.cpu().numpy() for t in sums[n])
+        if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
+            raise ModelError(f"--repair: the statistics of {n!r} are not finite (overflow in the model's precision?); "
+                             "run without --repair")
         out.append((m1, np.sqrt(np.maximum(m2 - m1 * m1, 0.0))))
     return out
+
+
+class _NotPerRow(Exception):
+    """A probed value whose first axis is not the data row (e.g. tokens flattened into it)."""
 
 
 def repair_statistics(
@@ -163,14 +189,12 @@ def repair_statistics(
     from onnxfair.finetune import model_device
 
     layers, skipped = repairable_layers(model)
-    order = {n.output[0]: i for i, n in enumerate(model.graph.node)}
-    pruned_at = [order[n.output[0]] for n in model.graph.node if any(i in masks for i in n.input)]
-    first = min(pruned_at) if pruned_at else len(order)
-    layers = [l for l in layers if order[l.output] >= first]  # upstream of every mask nothing changed
+    reached = _downstream_of_masks(model, masks)
+    layers = [l for l in layers if l.output in reached]  # elsewhere nothing changed
+    for l in [l for l in layers if l.bias in masks]:
+        skipped.append({"node": l.node, "reason": "its bias is masked"})
+    layers = [l for l in layers if l.bias not in masks]
     record = {"mode": "balanced" if balanced else "plain", "layers": len(layers), "skipped": skipped, "scales": {}}
-    if skipped:
-        progress(f"  repair leaves {len(skipped)} layer(s) as they are: "
-                 + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
     if not layers or len(ds) == 0:
         return record
     device = model_device(mod)
@@ -178,7 +202,21 @@ def repair_statistics(
     names = [l.output for l in layers]
     probe = _probe(model, names)
     probe.to(device)
-    dense = _statistics(probe, names, ds, w, batch_size, device)  # the probe holds the dense weights
+    while True:  # the probe holds the dense weights
+        try:
+            dense = _statistics(probe, names, ds, w, batch_size, device)
+            break
+        except _NotPerRow as exc:  # per-row weights cannot apply: leave that layer alone
+            bad = next(l for l in layers if l.output == exc.args[0])
+            skipped.append({"node": bad.node, "reason": "its output's first axis is not the data row"})
+            layers.remove(bad)
+            names.remove(bad.output)
+            record["layers"] = len(layers)
+            if not layers:
+                return record
+    if skipped:
+        progress(f"  repair leaves {len(skipped)} layer(s) as they are: "
+                 + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
     params, probe_params = mod.params, probe.params
 
     def sync(name: str) -> None:  # the probe runs without masks: give it the masked (effective) values
@@ -191,7 +229,7 @@ def repair_statistics(
     for k, (layer, (mu_d, sd_d)) in enumerate(zip(layers, dense)):
         progress(f"  repair {k + 1}/{len(layers)}: {layer.node}")
         (mu_p, sd_p), = _statistics(probe, [layer.output], ds, w, batch_size, device)
-        live = sd_p * _MAX_SCALE > sd_d
+        live = (sd_p * _MAX_SCALE > sd_d) & (sd_d > 0)  # a channel constant in the dense model is only re-centred
         scale = np.where(live, sd_d / np.where(live, sd_p, 1.0), 1.0)
         weight, bias = params[layer.weight], params[layer.bias]
         # out_c = s * (out_c - beta*b_c) + beta*b'_c with mean mu_d:  b'_c = (mu_d - s * (mu_p - beta*b_c)) / beta

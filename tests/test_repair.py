@@ -24,21 +24,22 @@ def _init(rng, name, *shape, scale=0.5):
     return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 
-def small_cnn(gemm_bias: bool = True) -> onnx.ModelProto:
-    """Conv(3->6) -> Relu -> Conv(6->5, groups 1) -> Relu -> ReduceMean -> Gemm(transB) -> logits."""
+def small_cnn(gemm_bias: bool = True, trans_b: int = 1, group: int = 1) -> onnx.ModelProto:
+    """Conv(3->6) -> Relu -> Conv(6->6, `group` groups) -> Relu -> ReduceMean -> Gemm(transB, beta 0.5) -> logits."""
     rng = np.random.default_rng(0)
-    inits = [_init(rng, "w1", 6, 3, 3, 3), _init(rng, "b1", 6, scale=0.1), _init(rng, "w2", 5, 6, 3, 3),
-             _init(rng, "b2", 5, scale=0.1), _init(rng, "w3", 4, 5), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    inits = [_init(rng, "w1", 6, 3, 3, 3), _init(rng, "b1", 6, scale=0.1), _init(rng, "w2", 6, 6 // group, 3, 3),
+             _init(rng, "b2", 6, scale=0.1), _init(rng, "w3", *((4, 6) if trans_b else (6, 4))),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
     if gemm_bias:
         inits.append(_init(rng, "b3", 4, scale=0.1))
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], group=group),
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("ReduceMean", ["r2", "axes"], ["pooled"], keepdims=0),
-        helper.make_node("Gemm", ["pooled", "w3"] + (["b3"] if gemm_bias else []), ["logits"], name="fc", transB=1,
-                         beta=0.5),
+        helper.make_node("Gemm", ["pooled", "w3"] + (["b3"] if gemm_bias else []), ["logits"], name="fc",
+                         transB=trans_b, beta=0.5),
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], inits)
@@ -88,9 +89,9 @@ def row_weights(ds: GroupedDataset, balanced: bool) -> np.ndarray:
     return 1.0 / (len(counts) * counts[ds.group_ids])
 
 
-@pytest.mark.parametrize("balanced", [True, False])
-def test_repaired_layers_match_the_dense_statistics_in_onnxruntime(balanced):
-    model, ds = small_cnn(), dataset()
+@pytest.mark.parametrize("balanced, trans_b, group", [(True, 1, 1), (False, 1, 1), (True, 0, 3), (True, 1, 6)])
+def test_repaired_layers_match_the_dense_statistics_in_onnxruntime(balanced, trans_b, group):
+    model, ds = small_cnn(trans_b=trans_b, group=group), dataset()
     masks = magnitude_masks(model, ["w1", "w2", "w3"], 0.6)
     mod = OnnxModule(model)
     mod.set_masks(masks)
@@ -154,9 +155,9 @@ def test_repairable_layers_skip_shared_weights():
     model = small_cnn()
     model.graph.node[2].input[1] = "w1x"  # conv2 now reads a weight another node also reads
     model.graph.node.append(helper.make_node("Identity", ["w1x"], ["unused"]))
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 6, 3, 3), np.float32), "w1x"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((6, 6, 3, 3), np.float32), "w1x"))
     model.graph.node.append(helper.make_node("MatMul", ["pooled", "w4"], ["extra"], name="mm"))
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 2), np.float32), "w4"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((6, 2), np.float32), "w4"))
     layers, skipped = repairable_layers(model)
     assert [l.node for l in layers] == ["conv1", "fc"]
     assert skipped == [{"node": "conv2", "reason": "weight or bias shared with another node"},
@@ -199,3 +200,44 @@ def test_cli_repair_after_every_step_and_after_bilevel(tmp_path, extra, steps):
     rep = json.loads(r.stdout)["structure"]["repair"]
     assert rep["steps"] == steps and rep["layers"] == 3
     assert r.stderr.count("repair 1/3") == steps
+
+
+def test_unreached_branches_broadcast_biases_and_flattened_rows_are_left_alone():
+    # x -> conv1 (masked) -> ... ; x -> side (no mask upstream) ; a Gemm on rows flattened with their
+    # positions ([N*64, 3]: not one row per data row); a Gemm whose bias broadcasts from [1]
+    model, ds = small_cnn(), dataset()
+    rng = np.random.default_rng(3)
+    g = model.graph
+    g.initializer.extend([_init(rng, "ws", 2, 3, 1, 1), _init(rng, "bs", 2), _init(rng, "wt", 2, 3), _init(rng, "bt", 2),
+                          _init(rng, "wu", 2, 6), _init(rng, "bu", 1),
+                          numpy_helper.from_array(np.array([-1, 3], np.int64), "flat")])
+    g.node.extend([
+        helper.make_node("Conv", ["x", "ws", "bs"], ["side"], name="side"),
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["xt", "flat"], ["tokens"]),
+        helper.make_node("Gemm", ["tokens", "wt", "bt"], ["per_token"], name="per_token", transB=1),
+        helper.make_node("Relu", ["c1"], ["r1b"]),
+        helper.make_node("ReduceMean", ["r1b", "axes"], ["p1"], keepdims=0),
+        helper.make_node("Gemm", ["p1", "wu", "bu"], ["u"], name="broadcast_bias", transB=1),
+    ])
+    g.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("side", "per_token", "u")])
+    masks = magnitude_masks(model, ["w1", "wt"], 0.5)
+    mod = OnnxModule(model)
+    mod.set_masks(masks)
+    rec = repair_statistics(mod, model, masks, ds, batch_size=32)
+    assert sorted(rec["scales"]) == ["conv1", "conv2", "fc"]
+    assert {"node": "per_token", "reason": "its output's first axis is not the data row"} in rec["skipped"]
+    assert any(s["node"] == "broadcast_bias" and "broadcast" in s["reason"] for s in rec["skipped"])
+    out = {t.name: numpy_helper.to_array(t) for t in mod.to_onnx(model).graph.initializer}
+    dense = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in ("ws", "bs", "bt", "wu", "bu"):  # never repaired: exactly as they were
+        assert np.array_equal(out[n], dense[n]), n
+
+
+def test_a_masked_bias_is_not_repaired():
+    model, ds = small_cnn(), dataset()
+    masks = magnitude_masks(model, ["w1", "b1"], 0.5)
+    mod = OnnxModule(model)
+    mod.set_masks(masks)
+    rec = repair_statistics(mod, model, masks, ds)
+    assert {"node": "conv1", "reason": "its bias is masked"} in rec["skipped"] and "conv1" not in rec["scales"]
