@@ -68,7 +68,7 @@ def ort_channel_stats(model: onnx.ModelProto, names: list[str], ds: GroupedDatas
     """Weighted per-channel mean and std of intermediate values, computed by onnxruntime (the oracle)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for n in names:
+    for n in set(names) - {o.name for o in probe.graph.output}:
         probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     outs = sess.run(names, ds.inputs)
@@ -241,3 +241,26 @@ def test_a_masked_bias_is_not_repaired():
     mod.set_masks(masks)
     rec = repair_statistics(mod, model, masks, ds)
     assert {"node": "conv1", "reason": "its bias is masked"} in rec["skipped"] and "conv1" not in rec["scales"]
+
+
+def test_physically_pruned_model_carries_the_repair_end_to_end(tmp_path):
+    # structured, 3 steps: the written (channel-removed) MLP's logits have the dense model's group-balanced
+    # per-class mean and std on --data, measured by onnxruntime on both files
+    from onnxfair.data import load_dataset
+
+    out = tmp_path / "s.onnx"
+    r = CliRunner().invoke(cli, ["prune", str(FIXTURES / "adult_mlp.onnx"), "--data", str(FIXTURES / "adult_calib.npz"),
+                                 "--eval-data", str(FIXTURES / "adult_eval.npz"), "--groups", "race", "--method", "taylor",
+                                 "--sparsity", "0.5", "--iterations", "3", "--repair", "balanced", "--no-latency",
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    dense = onnx.load(FIXTURES / "adult_mlp.onnx")
+    pruned = onnx.load(out)
+    assert sum(numpy_helper.to_array(t).size for t in pruned.graph.initializer) < sum(
+        numpy_helper.to_array(t).size for t in dense.graph.initializer)  # channels really removed
+    ds = load_dataset(FIXTURES / "adult_calib.npz", dense, "race")
+    w = row_weights(ds, True)
+    name = dense.graph.output[0].name
+    want, got = ort_channel_stats(dense, [name], ds, w)[name], ort_channel_stats(pruned, [name], ds, w)[name]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-4)
