@@ -62,6 +62,7 @@ def select_masks(
     device = str(torch_device(cfg.device))
     mod = build_module(dense, cfg.device)
     records: dict = {}
+    dense_stats: dict = {}  # the repair's targets, measured once per run
 
     def phase(name: str):
         return timer(name) if timer is not None else contextlib.nullcontext()
@@ -71,7 +72,7 @@ def select_masks(
         # exported convolutions it cannot, so each step's masks are repaired before anything is rescored
         if cfg.repair != "none":
             with phase("repair"):
-                record = repair_masked(dense, mod, masks, fit, cfg, progress)
+                record = repair_masked(dense, mod, masks, fit, cfg, progress, dense_stats)
             records["repair"] = {**record, "steps": records.get("repair", {}).get("steps", 0) + 1}
 
     if cfg.method == "bilevel":
@@ -153,15 +154,16 @@ def finetune_and_write_back(
 
 def repair_masked(
     dense: onnx.ModelProto, mod: Any, masks: dict[str, np.ndarray], fit: GroupedDataset, cfg: Any,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], dense_stats: dict | None = None,
 ) -> dict:
     """--repair: renormalise the pruned layers' output channels to the dense model's statistics on --data
-    (group-balanced unless --repair plain), in place; leaves the masks set. Returns the report's record."""
+    (group-balanced unless --repair plain), in place; leaves the masks set. Returns the report's record.
+    `dense_stats` carries the dense model's statistics from one step to the next."""
     from onnxfair.repair import repair_statistics
 
     mod.set_masks(_to_torch_masks(masks, str(torch_device(cfg.device))))
     return repair_statistics(mod, dense, masks, fit, balanced=cfg.repair == "balanced",
-                             batch_size=cfg.batch_size, progress=progress)
+                             batch_size=cfg.batch_size, progress=progress, dense_stats=dense_stats)
 
 
 def finetune_masked(

@@ -7,8 +7,9 @@ of each layer's weights leaves 17 % accuracy). The repair is the post-training a
 BatchNorm statistics (as REPAIR, Jordan et al. 2023, does for interpolated networks): for each Conv or
 Gemm in graph order, measure every output channel's mean μ and standard deviation σ over the calibration
 rows in the dense model and in the pruned one (with the layers before it already repaired), then scale the
-channel's weights by s = σ_dense / σ_pruned and set its bias so the mean is μ_dense. No gradients, one pass
-over --data per layer; removed weights stay zero.
+channel's weights by s = σ_dense / σ_pruned and set its bias so the mean is μ_dense. No gradients: per
+layer, a pass over --data through the part of the graph up to that layer (and one through the dense model,
+kept for later steps); removed weights stay zero.
 
 Fairness: the statistics are averages over rows, so the majority group would set them. With ``balanced``
 (`--repair balanced`) every group's rows weigh the same in the averages (each group 1/K), so the repaired
@@ -130,49 +131,50 @@ def _channel_moments(values: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
     return (w[:, None] * m1).sum(0), (w[:, None] * m2).sum(0)
 
 
-def _probe(model: onnx.ModelProto, outputs: list[str]):
-    """An interpreter of `model` that also returns the intermediate values `outputs`."""
+def _probe(model: onnx.ModelProto, output: str):
+    """An interpreter of just the part of `model` that computes `output`, returning it: the nodes after it
+    are never run, so a probe costs at most one forward pass and holds no more memory than one."""
     from onnxfair.interpret import OnnxModule
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for name in outputs:
-        if name not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None))
+    needed, nodes = {output}, []
+    for n in reversed(model.graph.node):
+        if any(o in needed for o in n.output):
+            nodes.append(n)
+            needed.update(i for i in n.input if i)
+            for a in n.attribute:  # subgraphs (If, Loop) read outer values too
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    needed.update(i for sub in g.node for i in sub.input if i)
+    graph = helper.make_graph(
+        list(reversed(nodes)), f"{model.graph.name}_probe", list(model.graph.input),
+        [helper.make_tensor_value_info(output, onnx.TensorProto.UNDEFINED, None)],
+        [t for t in model.graph.initializer if t.name in needed],
+        sparse_initializer=[t for t in model.graph.sparse_initializer if t.values.name in needed],
+    )
+    probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    probe.functions.extend(model.functions)
     return OnnxModule(probe)
 
 
-def _statistics(mod, names: list[str], ds: GroupedDataset, w: np.ndarray, batch_size: int,
-                device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Weighted per-channel mean and standard deviation of each probed output named in `names`."""
-    index = {n: i for i, n in enumerate(mod.output_names)}
-    sums: dict[str, list] = {}
+def _statistics(mod, ds: GroupedDataset, w: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted per-channel mean and standard deviation of the probe's output over `ds`."""
+    sums = None
     start = 0
     with torch.no_grad():
-        for inputs, _y, _g in ds.batches(batch_size):
-            rows = len(_y)
+        for inputs, y, _g in ds.batches(batch_size):
+            rows = len(y)
             wb = torch.from_numpy(w[start : start + rows]).to(device)
             start += rows
-            outs = mod(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()})
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            for n in names:
-                if outs[index[n]].shape[0] != rows:
-                    raise _NotPerRow(n)
-                m1, m2 = _channel_moments(outs[index[n]], wb)
-                if n in sums:
-                    sums[n][0] += m1
-                    sums[n][1] += m2
-                else:
-                    sums[n] = [m1, m2]
-    out = []
-    for n in names:
-        m1, m2 = (t.cpu().numpy() for t in sums[n])
-        if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
-            raise ModelError(f"--repair: the statistics of {n!r} are not finite (overflow in the model's precision?); "
-                             "run without --repair")
-        out.append((m1, np.sqrt(np.maximum(m2 - m1 * m1, 0.0))))
-    return out
+            out = mod(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()})
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if out.shape[0] != rows:
+                raise _NotPerRow()
+            m1, m2 = _channel_moments(out, wb)
+            sums = [m1, m2] if sums is None else [sums[0] + m1, sums[1] + m2]
+    m1, m2 = (t.cpu().numpy() for t in sums)
+    if not (np.isfinite(m1).all() and np.isfinite(m2).all()):
+        raise ModelError("--repair: a layer's statistics are not finite (overflow in the model's precision?); "
+                         "run without --repair")
+    return m1, np.sqrt(np.maximum(m2 - m1 * m1, 0.0))
 
 
 class _NotPerRow(Exception):
@@ -182,10 +184,12 @@ class _NotPerRow(Exception):
 def repair_statistics(
     mod, model: onnx.ModelProto, masks: Mapping[str, np.ndarray], ds: GroupedDataset, *, balanced: bool = True,
     batch_size: int = 256, progress: Callable[[str], None] = lambda s: None,
+    dense_stats: dict | None = None,
 ) -> dict:
     """Renormalise, in place, the parameters of `mod` (the interpreter of `model`, pruned by `masks`, which
-    stay applied) so each repairable layer from the first pruned one on matches the dense model's per-channel
-    output statistics on `ds`. Returns the record for the report."""
+    stay applied) so each repairable layer a mask reaches matches the dense model's per-channel output
+    statistics on `ds`. `dense_stats` (a dict, filled on first use) keeps those dense statistics between
+    calls on the same model, data and mode, e.g. the steps of one iterative run. Returns the report's record."""
     from onnxfair.finetune import model_device
 
     layers, skipped = repairable_layers(model)
@@ -199,36 +203,22 @@ def repair_statistics(
         return record
     device = model_device(mod)
     w = _row_weights(ds, balanced)
-    names = [l.output for l in layers]
-    probe = _probe(model, names)
-    probe.to(device)
-    while True:  # the probe holds the dense weights
-        try:
-            dense = _statistics(probe, names, ds, w, batch_size, device)
-            break
-        except _NotPerRow as exc:  # per-row weights cannot apply: leave that layer alone
-            bad = next(l for l in layers if l.output == exc.args[0])
-            skipped.append({"node": bad.node, "reason": "its output's first axis is not the data row"})
-            layers.remove(bad)
-            names.remove(bad.output)
-            record["layers"] = len(layers)
-            if not layers:
-                return record
-    if skipped:
-        progress(f"  repair leaves {len(skipped)} layer(s) as they are: "
-                 + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
-    params, probe_params = mod.params, probe.params
-
-    def sync(name: str) -> None:  # the probe runs without masks: give it the masked (effective) values
-        with torch.no_grad():
-            p = params[name]
-            probe_params[name].copy_(p * mod.masks[name] if name in mod.masks else p)
-
-    for name in params:
-        sync(name)
-    for k, (layer, (mu_d, sd_d)) in enumerate(zip(layers, dense)):
+    dense_stats = {} if dense_stats is None else dense_stats
+    params = mod.params
+    for k, layer in enumerate(list(layers)):
         progress(f"  repair {k + 1}/{len(layers)}: {layer.node}")
-        (mu_p, sd_p), = _statistics(probe, [layer.output], ds, w, batch_size, device)
+        probe = _probe(model, layer.output).to(device)
+        try:
+            if layer.output not in dense_stats:  # the probe starts with the dense weights
+                dense_stats[layer.output] = _statistics(probe, ds, w, batch_size, device)
+            mu_d, sd_d = dense_stats[layer.output]
+            with torch.no_grad():  # now the pruned ones, as the module applies them (masked; repaired so far)
+                for name, p in probe.params.items():
+                    p.copy_(params[name] * mod.masks[name] if name in mod.masks else params[name])
+            mu_p, sd_p = _statistics(probe, ds, w, batch_size, device)
+        except _NotPerRow:  # per-row weights cannot apply: leave the layer alone
+            skipped.append({"node": layer.node, "reason": "its output's first axis is not the data row"})
+            continue
         live = (sd_p * _MAX_SCALE > sd_d) & (sd_d > 0)  # a channel constant in the dense model is only re-centred
         scale = np.where(live, sd_d / np.where(live, sd_p, 1.0), 1.0)
         weight, bias = params[layer.weight], params[layer.bias]
@@ -237,12 +227,13 @@ def repair_statistics(
         new_bias = (mu_d - scale * (mu_p - layer.bias_scale * old_bias)) / layer.bias_scale
         shape = [1] * weight.ndim
         shape[layer.out_axis] = -1
-        s_t = torch.from_numpy(scale).to(weight.device, weight.dtype).reshape(shape)
         with torch.no_grad():
-            weight.mul_(s_t)
+            weight.mul_(torch.from_numpy(scale).to(weight.device, weight.dtype).reshape(shape))
             bias.copy_(torch.from_numpy(new_bias).to(bias.device, bias.dtype))
-        sync(layer.weight)
-        sync(layer.bias)
         record["scales"][layer.node] = {"min": float(scale.min()), "median": float(np.median(scale)),
                                         "max": float(scale.max()), "constant_channels": int((~live).sum())}
+    record["layers"] = len(record["scales"])
+    if skipped:
+        progress(f"  repair left {len(skipped)} layer(s) as they were: "
+                 + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
     return record

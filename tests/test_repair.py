@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -264,3 +265,20 @@ def test_physically_pruned_model_carries_the_repair_end_to_end(tmp_path):
     want, got = ort_channel_stats(dense, [name], ds, w)[name], ort_channel_stats(pruned, [name], ds, w)[name]
     np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-4)
+
+
+def test_dense_statistics_are_kept_between_calls():
+    # an iterative run passes one dict to every step: filled with the dense statistics on first use, and a
+    # second call on already repaired weights then changes nothing
+    model, ds = small_cnn(), dataset()
+    masks = magnitude_masks(model, ["w1", "w2"], 0.6)
+    mod = OnnxModule(model)
+    mod.set_masks(masks)
+    cache: dict = {}
+    repair_statistics(mod, model, masks, ds, dense_stats=cache)
+    assert sorted(cache) == ["c1", "c2", "logits"]
+    before = {n: p.detach().clone() for n, p in mod.params.items()}
+    rec = repair_statistics(mod, model, masks, ds, dense_stats=cache)
+    for n, p in mod.params.items():
+        torch.testing.assert_close(p.detach(), before[n], rtol=1e-4, atol=1e-5)
+    assert all(abs(v["median"] - 1.0) < 1e-4 for v in rec["scales"].values())
