@@ -323,6 +323,7 @@ def prune_model(
         report["evaluation"] = {"source": eval_source, "n": len(held), "groups_by": held.attributes}
         report["dense"], report["pruned"] = bd, bp
         report["degradation"] = degradation(bd, bp)
+        _hint_on_a_large_drop(report["degradation"]["overall_delta"], cfg, dense, progress)
         if cfg.latency:
             report["latency"] = latency_summary(bd.pop("latency"), bp.pop("latency"))
     elif cfg.latency:
@@ -332,6 +333,18 @@ def prune_model(
     from onnxfair.report import prune_markdown
 
     return PruneResult(pruned, report, prune_markdown(report))
+
+
+def _hint_on_a_large_drop(overall_delta: float, cfg: PruneConfig, model: onnx.ModelProto,
+                          progress: Callable[[str], None]) -> None:
+    """Name the weight updates that were not used when pruning cost more than 10 accuracy points."""
+    if overall_delta > -0.10 or cfg.finetune_epochs:
+        return
+    remedies = []
+    if cfg.repair == "none" and any(n.op_type in ("Conv", "Gemm") and len(n.input) > 2 for n in model.graph.node):
+        remedies.append("--repair balanced re-normalises the pruned layers (no gradients; for BatchNorm-folded CNNs)")
+    remedies.append("--finetune-epochs N retrains the remaining weights")
+    progress(f"hint: accuracy fell by {-100 * overall_delta:.1f} points; " + "; ".join(remedies))
 
 
 def _settings(cfg: PruneConfig) -> dict:

@@ -282,3 +282,14 @@ def test_dense_statistics_are_kept_between_calls():
     for n, p in mod.params.items():
         torch.testing.assert_close(p.detach(), before[n], rtol=1e-4, atol=1e-5)
     assert all(abs(v["median"] - 1.0) < 1e-4 for v in rec["scales"].values())
+
+
+def test_a_large_accuracy_drop_names_the_weight_updates_not_used(tmp_path):
+    base = ["prune", str(FIXTURES / "adult_mlp.onnx"), "--data", str(FIXTURES / "adult_calib.npz"), "--groups", "race",
+            "--method", "magnitude", "--sparsity", "0.95", "--round-to", "1", "--no-latency", "--json", "-"]
+    r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "a.onnx")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["degradation"]["overall_delta"] < -0.10
+    assert "hint: accuracy fell by" in r.stderr and "--repair balanced" in r.stderr and "--finetune-epochs" in r.stderr
+    r = CliRunner().invoke(cli, base + ["--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")])
+    assert json.loads(r.stdout)["degradation"]["overall_delta"] > -0.10 and "hint" not in r.stderr
