@@ -15,7 +15,9 @@ Main table: unstructured (per-weight) pruning, per-layer scope (the FairGRAPE pa
 fine-tuning, so the table compares the criteria themselves; the paper prunes iteratively (10 % of the
 remaining weights per step) and retrains between steps and after, for every method it compares.
 `--finetune-epochs N` fine-tunes every method; `--iterations T --step-epochs M` runs the paper's cycle
-(T nested steps, M fine-tuning epochs between them, importance recomputed on the retrained model).
+(T nested steps, M fine-tuning epochs between them, importance recomputed on the retrained model);
+`--repair balanced|plain` adds the statistics repair after each step (what BatchNorm does for the paper's
+models while they retrain; the exported CNNs have it folded away).
 `--structured` gives the second table: channel pruning at 0.3/0.5 with 2 fine-tuning epochs for
 magnitude, taylor and fairgrape on adult_mlp and mobilenet_digits.
 
