@@ -157,6 +157,8 @@ def _probe(model: onnx.ModelProto, output: str):
 
 def _statistics(mod, ds: GroupedDataset, w: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """Weighted per-channel mean and standard deviation of the probe's output over `ds`."""
+    from onnxfair.finetune import to_tensors
+
     sums = None
     start = 0
     with torch.no_grad():
@@ -164,7 +166,7 @@ def _statistics(mod, ds: GroupedDataset, w: np.ndarray, batch_size: int, device:
             rows = len(y)
             wb = torch.from_numpy(w[start : start + rows]).to(device)
             start += rows
-            out = mod(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()})
+            out = mod(**to_tensors(inputs, device))
             out = out[0] if isinstance(out, (tuple, list)) else out
             if out.shape[0] != rows:
                 raise _NotPerRow()
@@ -205,7 +207,7 @@ def repair_statistics(
     w = _row_weights(ds, balanced)
     dense_stats = {} if dense_stats is None else dense_stats
     params = mod.params
-    for k, layer in enumerate(list(layers)):
+    for k, layer in enumerate(layers):
         progress(f"  repair {k + 1}/{len(layers)}: {layer.node}")
         probe = _probe(model, layer.output).to(device)
         try:
