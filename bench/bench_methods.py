@@ -18,6 +18,7 @@ remaining weights per step) and retrains between steps and after, for every meth
 (T nested steps, M fine-tuning epochs between them, importance recomputed on the retrained model);
 `--repair balanced|plain` adds the statistics repair after each step (what BatchNorm does for the paper's
 models while they retrain; the exported CNNs have it folded away).
+`fairgrape+damp` is FairGRAPE with `--damping` (10 unless `--damping` says otherwise; criteria.damped).
 `--structured` gives the second table: channel pruning at 0.3/0.5 with 2 fine-tuning epochs for
 magnitude, taylor and fairgrape on adult_mlp and mobilenet_digits.
 
@@ -62,6 +63,7 @@ METHODS = {
     "magnitude": ("magnitude", "ce"),
     "taylor": ("taylor", "ce"),
     "fairgrape": ("fairgrape", "ce"),
+    "fairgrape+damp": ("fairgrape", "ce"),  # with --damping (criteria.damped)
     "taylor+pw": ("taylor", "pw"),
     "conflict": ("conflict", "ce"),
     "bilevel": ("bilevel", "ce"),
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--repair", default="none", choices=["none", "balanced", "plain"],
                    help="statistics repair after selection, before any fine-tuning (onnxfair prune --repair)")
+    p.add_argument("--damping", type=float, default=10.0,
+                   help="the fairgrape+damp variant's --damping (fairgrape itself runs the paper's, 0)")
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
                    help="seeded, group-stratified share of the calibration split each run prunes with (1: all)")
     p.add_argument("--eval-split", default="eval", choices=["eval", "holdout"],
@@ -136,7 +140,11 @@ def run_key(r: dict) -> tuple:
     return (r["model"], r["method"], r["structured"], r["scope"], float(r["sparsity"]), int(r["seed"]),
             int(r["finetune_epochs"]), int(r["bilevel_steps"]) if r["method"] == "bilevel" else 0,
             float(r.get("calib_fraction", CALIB_FRACTION)), r.get("eval_split", "eval"), int(r.get("iterations", 1)),
-            int(r.get("step_epochs", 0)), r.get("repair", "none"))
+            int(r.get("step_epochs", 0)), r.get("repair", "none"), float(r.get("damping", 0.0)))
+
+
+def damping(method: str, args: argparse.Namespace) -> float:
+    return args.damping if method.endswith("+damp") else 0.0
 
 
 def schedule(criterion: str, sparsity: float, args: argparse.Namespace) -> dict:
@@ -165,7 +173,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
-        repair=args.repair, **schedule(base, sparsity, args),
+        repair=args.repair, damping=damping(method, args), **schedule(base, sparsity, args),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()
@@ -179,6 +187,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
         "scope": args.scope, "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
         "bilevel_steps": args.bilevel_steps if base == "bilevel" else 0, "calib_fraction": args.calib_fraction,
         "eval_split": args.eval_split, **schedule(base, sparsity, args), "repair": args.repair,
+        "damping": damping(method, args),
         "n_calib": len(fit), "n_eval": len(eval_ds),
         "dense_accuracy": dense["overall"]["accuracy"], "accuracy": pruned["overall"]["accuracy"],
         "std_delta": deg["std_delta"], "max_excess_gap": deg["max_excess_gap"],
@@ -220,7 +229,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         probe = {"model": name, "method": method, "structured": args.structured, "scope": args.scope,
                  "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
                  "bilevel_steps": args.bilevel_steps, "calib_fraction": args.calib_fraction,
-                 "eval_split": args.eval_split, "repair": args.repair, **schedule(METHODS[method][0], sparsity, args)}
+                 "eval_split": args.eval_split, "repair": args.repair, "damping": damping(method, args),
+                 **schedule(METHODS[method][0], sparsity, args)}
         if run_key(probe) in done:
             continue
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
@@ -264,34 +274,36 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
-def verdict(agg: dict, model: str, sparsity: float) -> str:
-    """The target at `sparsity`: FairGRAPE std_delta <= 0.5 x magnitude's; accuracy >= taylor's - 1 point."""
-    f, m, t = (agg.get((model, k, sparsity)) for k in ("fairgrape", "magnitude", "taylor"))
-    head = f"{model} @ {sparsity:g}" + ("" if sparsity == 0.9 else " (the 0.9 target's rule, applied here)") + ": "
+def verdict(agg: dict, model: str, sparsity: float, fair: str = "fairgrape") -> str:
+    """The target at `sparsity`: FairGRAPE (`fair`: the paper's or the damped variant) std_delta <= 0.5 x
+    magnitude's; accuracy >= taylor's - 1 point."""
+    f, m, t = (agg.get((model, k, sparsity)) for k in (fair, "magnitude", "taylor"))
+    head = (f"{model} @ {sparsity:g}" + ("" if sparsity == 0.9 else " (the 0.9 target's rule, applied here)")
+            + ("" if fair == "fairgrape" else f", {fair}") + ": ")
     if f is None:
-        return head + "no fairgrape runs"
+        return head + f"no {fair} runs"
     parts, met = [], []
     if m is not None:
         fs, ms = f["std_delta"][0], m["std_delta"][0]
         ratio = fs / ms if ms > 0 else float("inf")
         ok = ratio <= 0.5
         met.append(ok)
-        parts.append(f"std_delta fairgrape/magnitude = {fs:.2f}/{ms:.2f} = {ratio:.2f} "
+        parts.append(f"std_delta {fair}/magnitude = {fs:.2f}/{ms:.2f} = {ratio:.2f} "
                      f"(target <= 0.50: {'met' if ok else f'NOT met, {ratio / 0.5:.1f}x the allowed ratio'})")
     if t is not None:
         diff = f["accuracy"][0] - t["accuracy"][0]
         ok = diff >= -1.0
         met.append(ok)
-        parts.append(f"accuracy fairgrape - taylor = {diff:+.2f} pts "
+        parts.append(f"accuracy {fair} - taylor = {diff:+.2f} pts "
                      f"(target >= -1.00: {'met' if ok else f'NOT met by {-1.0 - diff:.2f} pts'})")
     if not parts:
         return head + "no magnitude/taylor runs to compare with"
-    collapsed = [k for k in ("fairgrape", "magnitude", "taylor")
+    collapsed = [k for k in (fair, "magnitude", "taylor")
                  if agg.get((model, k, sparsity)) and agg[(model, k, sparsity)]["collapsed"]]
     tail = f"; collapsed to ~one class: {', '.join(collapsed)}" if collapsed else ""
     if f["collapsed"]:  # a model predicting one class spreads group accuracy by base rates: nothing to credit
         met.append(False)
-        tail += " (a collapsed fairgrape run cannot meet the target)"
+        tail += f" (a collapsed {fair} run cannot meet the target)"
     return head + "; ".join(parts) + f" -> target {'MET' if all(met) else 'NOT MET'}{tail}"
 
 
@@ -315,6 +327,8 @@ def caption(rows: list[dict]) -> str:
     ft += f", {repair} statistics repair" if repair != "none" else ""
     steps = sorted({x["bilevel_steps"] for x in rows if x["method"] == "bilevel"})
     bl = f"; bilevel {', '.join(map(str, steps))} steps" if steps else ""
+    damps = sorted({float(x.get("damping", 0.0)) for x in rows if x["method"].endswith("+damp")})
+    bl += f"; fairgrape+damp is fairgrape with --damping {', '.join(f'{d:g}' for d in damps)}" if damps else ""
     seeds = sorted({x["seed"] for x in rows})
     frac = float(r.get("calib_fraction", CALIB_FRACTION))
     share = "all of the calibration split" if frac >= 1.0 else (
@@ -357,7 +371,8 @@ def render(rows: list[dict], target: float) -> tuple[str, str]:
                "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
         md += ["| " + " | ".join(b) + " |" for b in body] + [""]
         vs = target if target in sparsities else max(sparsities)
-        verdicts.append(verdict(agg, model, vs))
+        verdicts += [verdict(agg, model, vs, fair) for fair in ("fairgrape", "fairgrape+damp")
+                     if fair == "fairgrape" or (model, fair, vs) in agg]
     text += ["", "Target (FairGRAPE std_delta <= 0.5 x magnitude's; accuracy within 1 pt of taylor's):"]
     text += ["  " + v for v in verdicts]
     md += ["Verdicts (target: FairGRAPE std_delta ≤ 0.5 × magnitude's; accuracy ≥ taylor's − 1 pt):", ""]
@@ -376,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                 and r["structured"] == args.structured and r["scope"] == args.scope
                 and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction
                 and r.get("eval_split", "eval") == args.eval_split and r.get("repair", "none") == args.repair
+                and float(r.get("damping", 0.0)) == damping(r["method"], args)
                 and {"iterations": int(r.get("iterations", 1)), "step_epochs": int(r.get("step_epochs", 0))}
                 == schedule(r["criterion"], float(r["sparsity"]), args)]
     if not rows:

@@ -19,7 +19,7 @@ from onnxfair.sweep import (
 # Prune settings passed through unchanged. Their options are copied from `onnxfair prune` itself, so names,
 # defaults, choices and help stay the same and a sweep row equals a `prune` run with the same flags.
 PASS_THROUGH = (
-    "scope", "round_to", "iterations", "step_epochs", "repair", "loss", "beta", "gamma", "finetune_epochs", "finetune_loss",
+    "scope", "round_to", "iterations", "step_epochs", "repair", "damping", "loss", "beta", "gamma", "finetune_epochs", "finetune_loss",
     "finetune_lr", "finetune_eps", "bilevel_steps", "bilevel_alpha", "ignore", "input_shape", "device", "batch_size",
     "latency_batch", "no_latency", "sparse_storage",
 )

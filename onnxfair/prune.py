@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import dataclasses
 import platform
 import time
@@ -41,6 +42,7 @@ class PruneConfig:
     loss: str = "ce"
     beta: float = 0.75
     gamma: float = 5.0
+    damping: float = 0.0  # fairgrape: damped-Fisher saliency (criteria.damped); 0 is the paper's importance
     finetune_epochs: int = 0
     step_epochs: int = 0  # fine-tuning between iterative steps (before rescoring), as the FairGRAPE paper retrains
     repair: str = "none"  # statistics repair after selection: none | balanced | plain (see repair.py)
@@ -86,6 +88,10 @@ class PruneConfig:
             raise UsageError("--step-epochs needs --data and --groups")
         if self.round_to < 1:
             raise UsageError("--round-to must be at least 1 (1 disables rounding)")
+        if not (self.damping >= 0.0 and math.isfinite(self.damping)):
+            raise UsageError(f"--damping {self.damping} must be a finite number >= 0 (0: the paper's fairgrape importance)")
+        if self.damping and self.method != "fairgrape":
+            raise UsageError(f"--damping applies to --method fairgrape only, not {self.method}; drop --damping")
         if self.repair not in REPAIR_MODES:
             raise UsageError(f"unknown --repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
         if self.repair != "none" and not has_data:

@@ -95,7 +95,7 @@ def select_masks(
             weights=weights if cfg.structured else units,
             masks=_to_torch_masks(masks, device) if masks else None,
             loss=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, dense_probs=dense_probs,
-            batch_size=cfg.batch_size, device=device,
+            batch_size=cfg.batch_size, device=device, damping=cfg.damping,
         )
         if cfg.structured:
             keep = select_channels(

@@ -143,7 +143,10 @@ def expand(plan: SweepPlan) -> list[Run]:
     for m in plan.methods:
         for s in plan.sparsities:
             for seed in plan.seeds:
-                cfg = dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed))
+                # --damping is fairgrape's alone: the other methods of the grid run without it
+                damping = plan.base.damping if m == "fairgrape" else 0.0
+                cfg = dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
+                                          damping=damping)
                 cfg.validate(has_data=True)
                 runs.append(Run(run_id(m, s, seed, cfg.structured), cfg))
     return runs

@@ -169,6 +169,10 @@ def test_prune_refuses_bad_requests(tmp_path):
     assert "pass --data" in _error(["prune", MLP, "--method", "fairgrape", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
     assert "add --iterations 2" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                            "--sparsity", "0.5", "--step-epochs", "2", "-o", tmp_path / "x.onnx"])
+    assert "--method fairgrape only" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
+                                                "--sparsity", "0.5", "--damping", "10", "-o", tmp_path / "x.onnx"])
+    assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",
+                                           "--damping", "-1", "-o", tmp_path / "x.onnx"])
     # a graph whose only channels reach the output: nothing prunable, declined with the reason
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], "g",

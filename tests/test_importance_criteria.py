@@ -10,7 +10,9 @@ from torch import nn
 from onnxfair.data import GroupedDataset
 from onnxfair.graph.groups import ChannelGroup, Member
 from onnxfair.importance import compute_scores
-from onnxfair.importance.criteria import channel_alive, channel_sum, conflict_scores, fairness_change, weight_members
+from onnxfair.errors import UsageError
+from onnxfair.importance.criteria import channel_alive, channel_sum, conflict_scores, damped, fairness_change, weight_members
+from onnxfair.importance.fairgrape import greedy_order, share_targets
 
 
 class TwoWeights(nn.Module):
@@ -86,6 +88,62 @@ def test_fairgrape_by_hand_sums_squares_over_batches():
     IA3 = (W * (row_grad(0) + row_grad(1)) / 2) ** 2
     np.testing.assert_allclose(sc3.weights["w"][0, 0], IA3, rtol=1e-10)
     assert sc.group_labels == ["grp=A", "grp=B"]
+
+
+def test_fairgrape_damping_by_hand():
+    # I_g + c * lambda_g * w^2 with lambda_g = sum_w I_g / sum_w w^2, from the row gradients directly
+    c = 2.5
+    sc = compute_scores("fairgrape", TwoWeights(), dataset(), weights=["w"], batch_size=1, damping=c,
+                        accumulate_dtype=torch.float64)
+    I = np.stack([(W * row_grad(0)) ** 2 + (W * row_grad(1)) ** 2, (W * row_grad(2)) ** 2])
+    lam = I.sum(axis=1) / (W ** 2).sum()
+    np.testing.assert_allclose(sc.weights["w"][:, 0, :], I + c * lam[:, None] * W ** 2, rtol=1e-10)
+    assert sc.info["damping"] == c
+    # each group's share of the layer's importance (FairGRAPE's targets t_g) is what it was undamped
+    plain = compute_scores("fairgrape", TwoWeights(), dataset(), weights=["w"], batch_size=1, accumulate_dtype=torch.float64)
+    np.testing.assert_allclose(share_targets(sc.weights["w"].reshape(2, -1)), share_targets(plain.weights["w"].reshape(2, -1)))
+
+
+class MaskedTwoWeights(TwoWeights):
+    """TwoWeights with the interpreter's mask convention: the forward pass multiplies w by its mask."""
+
+    mask = None
+
+    def set_masks(self, masks):
+        self.mask = None if not masks else masks["w"]
+
+    def forward(self, x):
+        return x @ (self.w if self.mask is None else self.w * self.mask).T
+
+
+def test_fairgrape_damping_leaves_masked_weights_out():
+    # weight 2 masked: it scores 0 and takes no part in lambda_g (its value does not count in sum w^2)
+    mod = MaskedTwoWeights()
+    sc = compute_scores("fairgrape", mod, dataset(), weights=["w"], batch_size=1, damping=1.0,
+                        masks={"w": torch.tensor([[1.0, 0.0]], dtype=torch.float64)}, accumulate_dtype=torch.float64)
+    s = sc.weights["w"][:, 0, :]
+    assert (s[:, 1] == 0).all()
+    masked_grad = [(sig(X[i, 0] * W[0]) - Yb[i]) * X[i] for i in range(3)]  # the masked model's row gradients
+    I0 = np.array([(W[0] * masked_grad[0][0]) ** 2 + (W[0] * masked_grad[1][0]) ** 2, (W[0] * masked_grad[2][0]) ** 2])
+    np.testing.assert_allclose(s[:, 0], 2 * I0, rtol=1e-10)  # lambda_g * w0^2 = I0 when w0 is the only live weight
+
+
+def test_heavy_damping_turns_fairgrape_into_magnitude():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(40, 30))
+    sq = rng.gamma(0.3, size=(3, 40, 30)) * w ** 2  # per-group importances unrelated to |w| ranking
+    n_keep = 300
+    top = np.sort(np.argsort(-np.abs(w).ravel(), kind="stable")[:n_keep])
+    assert set(np.sort(greedy_order(sq.reshape(3, -1), n_keep))) != set(top)
+    heavy = damped(sq, w, 1e9).reshape(3, -1)
+    assert np.array_equal(np.sort(greedy_order(heavy, n_keep)), top)
+
+
+@pytest.mark.parametrize("criterion,damping,needle", [("taylor", 1.0, "fairgrape criterion only"),
+                                                     ("fairgrape", -1.0, ">= 0"), ("fairgrape", float("nan"), ">= 0")])
+def test_damping_is_refused_where_it_has_no_meaning(criterion, damping, needle):
+    with pytest.raises(UsageError, match=needle):
+        compute_scores(criterion, TwoWeights(), dataset(), weights=["w"], damping=damping)
 
 
 def test_conflict_by_hand():

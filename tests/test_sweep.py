@@ -19,7 +19,7 @@ from cli.main import app
 from onnxfair.evaluate import evaluate_models
 from onnxfair.metrics import degradation
 from onnxfair.sweep import (
-    ROW_FIELDS, format_sparsity, mark_front, pareto_front, parse_list, read_rows_csv, recommend, result_row, run_id,
+    ROW_FIELDS, DataSpec, SweepPlan, expand, format_sparsity, mark_front, pareto_front, parse_list, read_rows_csv, recommend, result_row, run_id,
 )
 from onnxfair.errors import UsageError
 from onnxfair.prune import DenseCache, PruneConfig, PruneResult, prune_model
@@ -119,6 +119,13 @@ def test_run_ids_and_lists():
         parse_list("0.3,x", float, "--sparsities")
     with pytest.raises(UsageError, match="empty"):
         parse_list(" , ", int, "--seeds")
+
+
+def test_damping_reaches_the_fairgrape_runs_only(tmp_path):
+    plan = SweepPlan(model="m.onnx", data=DataSpec(data="d.npz", eval_data=None, groups=["race"]), out=tmp_path,
+                     methods=("magnitude", "fairgrape", "taylor"), sparsities=(0.5,),
+                     base=PruneConfig(damping=10.0))
+    assert {r.cfg.method: r.cfg.damping for r in expand(plan)} == {"magnitude": 0.0, "fairgrape": 10.0, "taylor": 0.0}
 
 
 # --------------------------------------------------------------- sweep mechanics with a counting prune

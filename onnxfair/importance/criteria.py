@@ -16,6 +16,13 @@ count. Higher means more important (kept first).
     per demographic group g: I_{g,w} = Σ_batches (w · ∂L_{g,b}/∂w)², L_{g,b} the mean loss over the batch
     rows of group g; channel: Σ over its weights, per group ([K, size]). Selection uses the greedy
     share-keeping rule (:mod:`onnxfair.importance.fairgrape`), not a threshold.
+    Damped (``--damping c``, onnxfair's option; c = 0 is the paper's): I_{g,w} + c · λ_g · w², with
+    λ_g = Σ_w I_{g,w} / Σ_w w² over the initializer. Σ_b (∂L_{g,b}/∂w)² is a diagonal Fisher estimate F_g,
+    so this is the optimal-brain-damage saliency w² · (F_g + c · λ_g) under a Fisher damped by c times its
+    w²-weighted mean: unit-free, and it leaves each group's share of the layer's importance (the targets
+    t_g) unchanged while c → ∞ tends to magnitude's ranking. At convergence the batch gradients are noise
+    from a few misfit rows; undamped, they pick masks that collapse a well-fit CNN at high sparsity
+    (digits ResNet, 0.9, one shot with repair and 4 epochs: 33 % accuracy undamped, 89 % with c = 10).
 ``conflict`` — onnxfair's own conflict-aware rule (inspired by Ballot, ISSTA 2024, whose exact rule is
     not public). For a unit u (a weight, or a channel) and each group g, the first-order change of the
     group's calibration-set mean loss L_g when u is removed is
@@ -69,6 +76,7 @@ __all__ = [
     "channel_alive",
     "conflict_scores",
     "fairness_change",
+    "damped",
 ]
 
 CRITERIA = ("magnitude", "taylor", "fairgrape", "conflict")
@@ -81,6 +89,18 @@ def magnitude_weights(value: np.ndarray, p: int = 1) -> np.ndarray:
         raise ValueError("magnitude norm must be 1 or 2")
     v = np.asarray(value, dtype=np.float64)
     return np.abs(v) if p == 1 else v * v
+
+
+def damped(scores: np.ndarray, value: np.ndarray, damping: float) -> np.ndarray:
+    """fairgrape's [K, *shape] scores plus damping · λ_g · w², λ_g = Σ scores[g] / Σ w² (module docstring).
+
+    Masked weights must come in as value 0 (and score 0) so they stay at 0."""
+    w2 = np.square(value, dtype=np.float64)
+    total = w2.sum()
+    if total <= 0.0:
+        return scores
+    lam = scores.reshape(scores.shape[0], -1).sum(axis=1) / total
+    return scores + damping * lam.reshape((-1,) + (1,) * w2.ndim) * w2
 
 
 def position_sums(arr: np.ndarray, axis: int, lead: int = 0) -> np.ndarray:

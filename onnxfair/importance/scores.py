@@ -68,6 +68,7 @@ def compute_scores(
     device: str | torch.device | None = None,
     p: int = 1,
     accumulate_dtype: torch.dtype = torch.float32,
+    damping: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> Scores:
     """Score every prunable unit of `mod` (an `OnnxModule`, or any module with `.params`).
@@ -83,9 +84,15 @@ def compute_scores(
     loss        "ce" or "pw"; pw needs `dense_probs` from the dense model (computed here, with the masks
                 cleared, when not given — pass them in iterative runs so they stay the dense model's)
     device      None keeps `mod` where it is, else it is moved ("auto", "cpu", "cuda")
+    damping     fairgrape only: add damping * lambda_g * w^2 to each group's scores (see `criteria.damped`);
+                0 is the paper's importance
     """
     if criterion not in C.CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(C.CRITERIA)}")
+    if damping < 0 or not np.isfinite(damping):
+        raise UsageError(f"damping {damping} must be a finite number >= 0 (0: the paper's fairgrape importance)")
+    if damping and criterion != "fairgrape":
+        raise UsageError(f"damping applies to the fairgrape criterion only, not {criterion}; drop it or use fairgrape")
     if loss not in LOSS_KINDS:
         raise UsageError(f"unknown loss {loss!r}; choose one of {', '.join(LOSS_KINDS)}")
     t0 = time.perf_counter()
@@ -158,8 +165,13 @@ def compute_scores(
                 per_weight[n] = np.abs(stats.plain[n]) * alive[n]
         elif criterion == "fairgrape":
             info["convention"] = "I[g, w] = sum over batches of (w * dL_g/dw)^2, L_g the batch mean loss of group g"
+            if damping:
+                info["damping"] = damping
+                info["convention"] += "; plus damping * lambda_g * w^2, lambda_g = layer total of I[g] / layer total of w^2"
             for n in names:
                 per_weight[n] = stats.sq[n] * alive[n]
+                if damping:
+                    per_weight[n] = C.damped(per_weight[n], _numpy(params[n]) * alive[n], damping)
         else:
             info["convention"] = "onnxfair conflict rule: |dL| + lambda * max(dF, 0), F the variance of group losses"
             first = {}
