@@ -236,7 +236,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
         rows.append(row)
         done.add(run_key(row))
-        print(f"[{i}/{len(plan)} {time.perf_counter() - t_start:7.0f}s] {name:16s} {method:10s} s={sparsity:.2f} "
+        print(f"[{i}/{len(plan)} {time.perf_counter() - t_start:7.0f}s] {name:16s} {method:14s} s={sparsity:.2f} "
               f"seed={seed}  acc {100 * row['accuracy']:6.2f}  std_delta {100 * row['std_delta']:6.2f}  "
               f"psi {100 * row['max_excess_gap']:6.2f}  ({row['seconds']:.1f}s)", flush=True)
         if args.out:

@@ -17,8 +17,9 @@ each group, so group sizes stay fixed) to give:
     python bench/bench_resolution.py --models resnet_digits --sparsity 0.5
     python bench/bench_resolution.py --eval-split holdout      # Adult judged on 14,281 rows
     python bench/bench_resolution.py --eval-split holdout --iterations paper --step-epochs 1 --finetune-epochs 4
+    python bench/bench_resolution.py --models resnet_digits --repair balanced --finetune-epochs 4 --damping 10
 
-With weight updates (fine-tuning or retraining between steps) magnitude uses the data too, so it is run
+With weight updates (fine-tuning or retraining between steps) or the statistics repair magnitude uses the data too, so it is run
 for every seed and the ratio is taken against the mean of its seeds.
 """
 
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", default="1", help="as in bench_methods: a step count or 'paper'")
     ap.add_argument("--step-epochs", type=int, default=0)
     ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--repair", default="none", choices=["none", "balanced", "plain"], help="as in bench_methods")
+    ap.add_argument("--damping", type=float, default=0.0, help="FairGRAPE's --damping (0: the paper's importance)")
     args = ap.parse_args(argv)
-    trained = bool(args.finetune_epochs or args.step_epochs)
+    trained = bool(args.finetune_epochs or args.step_epochs or args.repair != "none")  # magnitude then uses data
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.models.split(","):
         file, prefix, attr = FIXTURES[name]
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds[:1] if method == "magnitude" and not trained else seeds:  # magnitude alone ignores data
                 cfg = PruneConfig(method=method, structured=False, sparsity=args.sparsity, scope=args.scope,
                                   seed=seed, latency=False, device="cpu", threads=1,
-                                  finetune_epochs=args.finetune_epochs, **schedule(method, args.sparsity, args))
+                                  finetune_epochs=args.finetune_epochs, repair=args.repair,
+                                  damping=args.damping if method == "fairgrape" else 0.0,
+                                  **schedule(method, args.sparsity, args))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pruned = prune_model(model, calib_subsample(calib, seed, args.calib_fraction), ev, cfg).model
@@ -113,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = ", ".join(f"{lab} {m.size}" for lab, m in zip(ev.group_labels, members))
         sched = schedule("fairgrape", args.sparsity, args)
         how = (f"{sched['iterations']} steps, {sched['step_epochs']} epochs between, {args.finetune_epochs} after"
-               if trained or sched["iterations"] > 1 else "one shot")
+               if args.finetune_epochs or sched["iterations"] > 1 else "one shot")
+        how += f", {args.repair} repair" if args.repair != "none" else ""
+        how += f", fairgrape damping {args.damping:g}" if args.damping else ""
         print(f"\n{name} ({attr}, {args.eval_split} split) @ sparsity {args.sparsity:g}, {args.scope} scope, unstructured, {how}; evaluation rows per group: {sizes}")
         print(f"{'run':>16}  {'accuracy %':>10}  {'std_delta':>9}  {'90% interval':>16}  {'noise floor':>11}")
         for (method, seed), ok in runs.items():

@@ -31,8 +31,9 @@ from onnxfair.report import format_prune
 @click.option("--beta", default=0.75, show_default=True, type=float, help="pw loss: weight floor β.")
 @click.option("--gamma", default=5.0, show_default=True, type=float, help="pw loss: focusing exponent γ.")
 @click.option("--damping", default=0.0, show_default=True, type=float,
-              help="fairgrape: add damping x each group's mean curvature to its importance (optimal-brain-damage saliency "
-                   "with a damped Fisher); 0 is the paper's. About 10 keeps CNNs usable at high sparsity.")
+              help="fairgrape: add damping x lambda_g x w^2 to each group's importance, lambda_g its mean curvature "
+                   "(optimal-brain-damage saliency with a damped Fisher); 0 is the paper's. Try 10 when fairgrape "
+                   "loses much more accuracy than magnitude.")
 @click.option("--finetune-epochs", default=0, show_default=True, type=int, help="Weight update after pruning (0: none).")
 @click.option("--step-epochs", default=0, show_default=True, type=int,
               help="With --iterations: fine-tune this many epochs after each step but the last, before rescoring.")

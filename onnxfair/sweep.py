@@ -139,6 +139,8 @@ def expand(plan: SweepPlan) -> list[Run]:
     for s in plan.sparsities:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 < s < 1.0):
             raise UsageError(f"sparsity {s} in --sparsities is outside (0, 1); it is the fraction removed, e.g. 0.5")
+    if plan.base.damping and "fairgrape" not in plan.methods:
+        raise UsageError("--damping applies to fairgrape runs only, and --methods has none; add fairgrape or drop --damping")
     runs = []
     for m in plan.methods:
         for s in plan.sparsities:

@@ -171,8 +171,9 @@ def test_prune_refuses_bad_requests(tmp_path):
                                            "--sparsity", "0.5", "--step-epochs", "2", "-o", tmp_path / "x.onnx"])
     assert "--method fairgrape only" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                                 "--sparsity", "0.5", "--damping", "10", "-o", tmp_path / "x.onnx"])
-    assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",
-                                           "--damping", "-1", "-o", tmp_path / "x.onnx"])
+    for bad in ("-1", "nan", "inf"):
+        assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",
+                                               "--damping", bad, "-o", tmp_path / "x.onnx"])
     # a graph whose only channels reach the output: nothing prunable, declined with the reason
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], "g",

@@ -135,7 +135,7 @@ def test_heavy_damping_turns_fairgrape_into_magnitude():
     n_keep = 300
     top = np.sort(np.argsort(-np.abs(w).ravel(), kind="stable")[:n_keep])
     assert set(np.sort(greedy_order(sq.reshape(3, -1), n_keep))) != set(top)
-    heavy = damped(sq, w, 1e9).reshape(3, -1)
+    heavy = damped(sq, w ** 2, 1e9).reshape(3, -1)
     assert np.array_equal(np.sort(greedy_order(heavy, n_keep)), top)
 
 
@@ -297,3 +297,43 @@ def test_structured_scores_mark_removed_channels():
     sc = compute_scores("magnitude", mod, groups=[grp], masks={"fc2": mask})
     assert sc.channel_alive[0].tolist() == [True, False, True, False]
     assert sc.channels[0][1] == 0 and sc.channels[0][3] == 0
+
+
+def test_structured_damping_is_per_channel_over_live_channels():
+    # channels 1 and 3 removed on the consumer side only (fc2 columns): their fc1 rows keep their values and
+    # must neither score nor enter lambda_g
+    mod, grp, ds = Mlp(), mlp_group(), mlp_data()
+    mask = np.ones((2, 4))
+    mask[:, [1, 3]] = 0
+    kw = dict(groups=[grp], batch_size=16, accumulate_dtype=torch.float64, masks={"fc2": mask})
+    plain = compute_scores("fairgrape", mod, ds, **kw)
+    c = 3.0
+    damp = compute_scores("fairgrape", mod, ds, damping=c, **kw)
+    fc1, fc2 = mod.fc1.detach().numpy(), mod.fc2.detach().numpy() * mask
+    live = np.array([1.0, 0.0, 1.0, 0.0])
+    w2 = ((fc1 ** 2).sum(1) + (fc2 ** 2).sum(0)) * live
+    I = plain.channels[0]
+    lam = I.sum(1) / w2.sum()
+    np.testing.assert_allclose(damp.channels[0], I + c * lam[:, None] * w2, rtol=1e-12)
+    assert (damp.channels[0][:, [1, 3]] == 0).all()
+    np.testing.assert_allclose(share_targets(damp.channels[0]), share_targets(I))
+
+
+def test_damping_reaches_the_masks_of_a_prune_run():
+    import onnx
+
+    from onnxfair.data import load_dataset
+    from onnxfair.prune import PruneConfig, prune_model
+    from tests.conftest import FIXTURES
+
+    model = onnx.load(FIXTURES / "adult_mlp.onnx")
+    calib = load_dataset(FIXTURES / "adult_calib.npz", model, "race")
+    fit, held = calib.split(0.5, seed=0)
+    masks = {}
+    for damping in (0.0, 10.0):
+        cfg = PruneConfig(method="fairgrape", structured=False, sparsity=0.8, scope="layer", damping=damping,
+                          latency=False, device="cpu")
+        result = prune_model(model, fit, held, cfg)
+        assert result.report["method"]["damping"] == damping
+        masks[damping] = {i.name: onnx.numpy_helper.to_array(i) != 0 for i in result.model.graph.initializer}
+    assert any(not np.array_equal(masks[0.0][n], masks[10.0][n]) for n in masks[0.0])

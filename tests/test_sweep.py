@@ -126,6 +126,10 @@ def test_damping_reaches_the_fairgrape_runs_only(tmp_path):
                      methods=("magnitude", "fairgrape", "taylor"), sparsities=(0.5,),
                      base=PruneConfig(damping=10.0))
     assert {r.cfg.method: r.cfg.damping for r in expand(plan)} == {"magnitude": 0.0, "fairgrape": 10.0, "taylor": 0.0}
+    with pytest.raises(UsageError, match="finite number >= 0"):
+        expand(dataclasses.replace(plan, base=PruneConfig(damping=float("nan"))))
+    with pytest.raises(UsageError, match="methods has none"):
+        expand(dataclasses.replace(plan, methods=("magnitude",)))
 
 
 # --------------------------------------------------------------- sweep mechanics with a counting prune

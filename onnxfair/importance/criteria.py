@@ -17,12 +17,15 @@ count. Higher means more important (kept first).
     rows of group g; channel: Σ over its weights, per group ([K, size]). Selection uses the greedy
     share-keeping rule (:mod:`onnxfair.importance.fairgrape`), not a threshold.
     Damped (``--damping c``, onnxfair's option; c = 0 is the paper's): I_{g,w} + c · λ_g · w², with
-    λ_g = Σ_w I_{g,w} / Σ_w w² over the initializer. Σ_b (∂L_{g,b}/∂w)² is a diagonal Fisher estimate F_g,
-    so this is the optimal-brain-damage saliency w² · (F_g + c · λ_g) under a Fisher damped by c times its
-    w²-weighted mean: unit-free, and it leaves each group's share of the layer's importance (the targets
-    t_g) unchanged while c → ∞ tends to magnitude's ranking. At convergence the batch gradients are noise
-    from a few misfit rows; undamped, they pick masks that collapse a well-fit CNN at high sparsity
-    (digits ResNet, 0.9, one shot with repair and 4 epochs: 33 % accuracy undamped, 89 % with c = 10).
+    λ_g = Σ_w I_{g,w} / Σ_w w² over the initializer's live weights. Σ_b (∂L_{g,b}/∂w)² is a diagonal
+    Fisher estimate F_g, so this is the optimal-brain-damage saliency w² · (F_g + c · λ_g) under a Fisher
+    damped by c times its w²-weighted mean: unit-free, it leaves each group's share of the initializer's
+    importance (the per-layer targets t_g) unchanged, and with per-layer selection c → ∞ gives magnitude's
+    ranking. Structured, the same is done per channel group on channel scores: I_{g,ch} + c · λ_g · Σ w²
+    over the channel's weight slices, λ_g over the group's live channels (removed channels' producer rows
+    keep their values, so a per-initializer λ would count them). At convergence the batch gradients are
+    noise from a few misfit rows; undamped, they can pick masks that wreck a well-fit CNN one shot at high
+    sparsity (digits ResNet, unstructured 0.9, repair and 4 epochs: 33 % accuracy undamped, 89 % with c = 10).
 ``conflict`` — onnxfair's own conflict-aware rule (inspired by Ballot, ISSTA 2024, whose exact rule is
     not public). For a unit u (a weight, or a channel) and each group g, the first-order change of the
     group's calibration-set mean loss L_g when u is removed is
@@ -91,16 +94,17 @@ def magnitude_weights(value: np.ndarray, p: int = 1) -> np.ndarray:
     return np.abs(v) if p == 1 else v * v
 
 
-def damped(scores: np.ndarray, value: np.ndarray, damping: float) -> np.ndarray:
-    """fairgrape's [K, *shape] scores plus damping · λ_g · w², λ_g = Σ scores[g] / Σ w² (module docstring).
+def damped(scores: np.ndarray, w2: np.ndarray, damping: float) -> np.ndarray:
+    """fairgrape's [K, *shape] scores plus damping · λ_g · w2, λ_g = Σ scores[g] / Σ w2 (module docstring).
 
-    Masked weights must come in as value 0 (and score 0) so they stay at 0."""
-    w2 = np.square(value, dtype=np.float64)
+    w2: the squared weights of the units scored (per weight, or a channel's sum over its weight slices),
+    0 for units already removed, so that they stay at 0 and take no part in λ_g."""
+    w2 = np.asarray(w2, dtype=np.float64)
     total = w2.sum()
     if total <= 0.0:
         return scores
     lam = scores.reshape(scores.shape[0], -1).sum(axis=1) / total
-    return scores + damping * lam.reshape((-1,) + (1,) * w2.ndim) * w2
+    return (scores + damping * lam.reshape((-1,) + (1,) * w2.ndim) * w2).astype(scores.dtype, copy=False)
 
 
 def position_sums(arr: np.ndarray, axis: int, lead: int = 0) -> np.ndarray:

@@ -84,8 +84,8 @@ def compute_scores(
     loss        "ce" or "pw"; pw needs `dense_probs` from the dense model (computed here, with the masks
                 cleared, when not given — pass them in iterative runs so they stay the dense model's)
     device      None keeps `mod` where it is, else it is moved ("auto", "cpu", "cuda")
-    damping     fairgrape only: add damping * lambda_g * w^2 to each group's scores (see `criteria.damped`);
-                0 is the paper's importance
+    damping     fairgrape only: add damping * lambda_g * w^2 to each group's scores, per weight (unstructured)
+                or per channel (structured; see `criteria`); 0 is the paper's importance
     """
     if criterion not in C.CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(C.CRITERIA)}")
@@ -170,8 +170,8 @@ def compute_scores(
                 info["convention"] += "; plus damping * lambda_g * w^2, lambda_g = layer total of I[g] / layer total of w^2"
             for n in names:
                 per_weight[n] = stats.sq[n] * alive[n]
-                if damping:
-                    per_weight[n] = C.damped(per_weight[n], _numpy(params[n]) * alive[n], damping)
+                if damping and not structured:
+                    per_weight[n] = C.damped(per_weight[n], np.square(_numpy(params[n]) * alive[n], dtype=np.float64), damping)
         else:
             info["convention"] = "onnxfair conflict rule: |dL| + lambda * max(dF, 0), F the variance of group losses"
             first = {}
@@ -191,11 +191,15 @@ def compute_scores(
     scores = Scores(criterion=criterion, structured=structured, weights=per_weight, weight_alive=alive,
                     weight_tier=tiers if not structured else None, group_labels=labels, info=info)
     if structured:
+        if damping:
+            squares = {n: np.square(_numpy(params[n]) * alive[n], dtype=np.float64) for n in names}
         for g in groups:
             mem = members[g.id]
             ch_alive = C.channel_alive(g, mem, alive)
             if criterion == "fairgrape":
                 ch = C.channel_sum(per_weight, mem, g.size, lead=1)
+                if damping:
+                    ch = C.damped(ch * ch_alive, C.channel_sum(squares, mem, g.size) * ch_alive, damping)
             elif criterion == "magnitude" and p == 2:
                 ch = np.sqrt(C.channel_sum(per_weight, mem, g.size))
             elif criterion == "conflict":
