@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         boot_sd = {k: 100 * np.array([std_delta(ok, dense_ok, b) for b in boots]) for k, ok in runs.items()}
         sizes = ", ".join(f"{lab} {m.size}" for lab, m in zip(ev.group_labels, members))
         sched = schedule("fairgrape", args.sparsity, args)
-        how = (f"{sched['iterations']} steps, {sched['step_epochs']} epochs between, {args.finetune_epochs} after"
-               if args.finetune_epochs or sched["iterations"] > 1 else "one shot")
+        how = (f"{sched['iterations']} steps, {sched['step_epochs']} epochs between" if sched["iterations"] > 1
+               else "one shot")
+        how += f", {args.finetune_epochs} fine-tuning epochs after" if args.finetune_epochs else ""
         how += f", {args.repair} repair" if args.repair != "none" else ""
         how += f", fairgrape damping {args.damping:g}" if args.damping else ""
         print(f"\n{name} ({attr}, {args.eval_split} split) @ sparsity {args.sparsity:g}, {args.scope} scope, unstructured, {how}; evaluation rows per group: {sizes}")
