@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import dataclasses
+import math
 import platform
 import time
 from dataclasses import dataclass, field

@@ -167,11 +167,13 @@ def compute_scores(
             info["convention"] = "I[g, w] = sum over batches of (w * dL_g/dw)^2, L_g the batch mean loss of group g"
             if damping:
                 info["damping"] = damping
-                info["convention"] += "; plus damping * lambda_g * w^2, lambda_g = layer total of I[g] / layer total of w^2"
+                info["convention"] += ("; plus damping * lambda_g * w^2, lambda_g = total of I[g] / total of w^2 over the "
+                                       "live weights of the initializer (unstructured) or channels of the group (structured)")
             for n in names:
                 per_weight[n] = stats.sq[n] * alive[n]
                 if damping and not structured:
-                    per_weight[n] = C.damped(per_weight[n], np.square(_numpy(params[n]) * alive[n], dtype=np.float64), damping)
+                    w2 = np.square(_numpy(params[n]) * alive[n], dtype=np.float64)
+                    per_weight[n] = C.damped(per_weight[n], w2, damping)
         else:
             info["convention"] = "onnxfair conflict rule: |dL| + lambda * max(dF, 0), F the variance of group losses"
             first = {}
