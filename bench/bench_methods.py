@@ -256,11 +256,25 @@ def _fmt(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def aggregate(rows: list[dict]) -> dict:
-    """(model, method, sparsity) -> mean/std of accuracy, std_delta, psi in points, seeds, collapsed count."""
-    cells: dict[tuple, list[dict]] = {}
+def labels(rows: list[dict]) -> list[str]:
+    """Each row's method as tabulated. Runs of one method with different --damping values (a --from-json file
+    may hold several) get `<method> C=<value>`, and so does a damped run of a method named without `+damp`,
+    so that different settings are never pooled into one cell or read as the paper's FairGRAPE."""
+    damps: dict[str, set[float]] = {}
     for r in rows:
-        cells.setdefault((r["model"], r["method"], float(r["sparsity"])), []).append(r)
+        damps.setdefault(r["method"], set()).add(float(r.get("damping", 0.0)))
+
+    def label(r: dict) -> str:
+        d, m = float(r.get("damping", 0.0)), r["method"]
+        return f"{m} C={d:g}" if len(damps[m]) > 1 or (d != 0.0 and not m.endswith("+damp")) else m
+    return [label(r) for r in rows]
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(model, method label, sparsity) -> mean/std of accuracy, std_delta, psi in points, seeds, collapsed count."""
+    cells: dict[tuple, list[dict]] = {}
+    for r, label in zip(rows, labels(rows)):
+        cells.setdefault((r["model"], label, float(r["sparsity"])), []).append(r)
     out = {}
     for key, rs in cells.items():
         out[key] = {
@@ -348,7 +362,9 @@ def render(rows: list[dict], target: float) -> tuple[str, str]:
     """Plain-text and markdown tables per fixture, with verdict lines."""
     agg = aggregate(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    present = set(labels(rows))
+    methods = [x for m in METHODS for x in sorted(present, key=lambda x: float(x.partition(" C=")[2] or -1))
+               if x.partition(" C=")[0] == m]
     sparsities = sorted({float(r["sparsity"]) for r in rows})
     text, md = [], [f"_{caption(rows)}_", ""]
     header = ["method", "sparsity", "accuracy %", "std_delta pts", "max_excess_gap pts", "collapsed", "s/run"]
@@ -371,8 +387,8 @@ def render(rows: list[dict], target: float) -> tuple[str, str]:
                "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
         md += ["| " + " | ".join(b) + " |" for b in body] + [""]
         vs = target if target in sparsities else max(sparsities)
-        verdicts += [verdict(agg, model, vs, fair) for fair in ("fairgrape", "fairgrape+damp")
-                     if fair == "fairgrape" or (model, fair, vs) in agg]
+        verdicts += [verdict(agg, model, vs, fair) for fair in methods
+                     if fair == "fairgrape" or (fair.startswith("fairgrape") and (model, fair, vs) in agg)]
     text += ["", "Target (FairGRAPE std_delta <= 0.5 x magnitude's; accuracy within 1 pt of taylor's):"]
     text += ["  " + v for v in verdicts]
     md += ["Verdicts (target: FairGRAPE std_delta ≤ 0.5 × magnitude's; accuracy ≥ taylor's − 1 pt):", ""]

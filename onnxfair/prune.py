@@ -209,8 +209,8 @@ def prune_model(
 ) -> PruneResult:
     """Run one method end to end and return the pruned model with its report.
 
-    `cache` (optional) reuses the channel analysis and, when latency is off, the dense model's evaluation
-    from earlier calls on the same model and data; the report is the same with or without it.
+    `cache` (optional) reuses the channel analysis, the dense cost and, when latency is off, the dense model's
+    evaluation from earlier calls on the same model and data; the report is the same with or without it.
     """
     from onnxfair.evaluate import evaluate_models
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels
@@ -295,7 +295,9 @@ def prune_model(
             )
 
     with timer("cost"):
-        cd = model_cost(model, cfg.input_shapes or None)
+        def dense_cost():
+            return model_cost(model, cfg.input_shapes or None)
+        cd = dense_cost() if cache is None else cache.get(("cost", shapes_key), dense_cost)
         cp = model_cost(pruned, cfg.input_shapes or None)
         cost = {
             "macs_dense": cd.macs, "macs_pruned": cp.macs, "params_dense": cd.params, "params_pruned": cp.params,

@@ -342,7 +342,8 @@ def test_rows_equal_prune_run_alone_parallel(mlp, tmp_path):
 
 @pytest.mark.parametrize("with_eval", [True, False])
 def test_dense_cache_computes_once_and_changes_no_report(mlp, monkeypatch, with_eval):
-    """With a DenseCache the analysis and the dense evaluation run once per setting; the reports stay equal."""
+    """With a DenseCache the analysis, the dense cost and the dense evaluation run once per setting; the reports
+    stay equal."""
     import onnxfair.evaluate
     import onnxfair.graph
     from onnxfair.data import load_dataset
@@ -356,8 +357,8 @@ def test_dense_cache_computes_once_and_changes_no_report(mlp, monkeypatch, with_
         return {k: v for k, v in report.items() if k != "timing"}
 
     alone = [prune_model(mlp["model"], calib, eval_ds, cfg).report for cfg in configs]
-    calls = {"analyze": 0, "dense": 0}
-    analyze, evaluate = onnxfair.graph.analyze, onnxfair.evaluate.evaluate_models
+    calls = {"analyze": 0, "dense": 0, "dense_cost": 0}
+    analyze, evaluate, cost = onnxfair.graph.analyze, onnxfair.evaluate.evaluate_models, onnxfair.graph.model_cost
 
     def counting_analyze(*a, **k):
         calls["analyze"] += 1
@@ -367,12 +368,17 @@ def test_dense_cache_computes_once_and_changes_no_report(mlp, monkeypatch, with_
         calls["dense"] += any(m is mlp["model"] for m in models)
         return evaluate(models, *a, **k)
 
+    def counting_cost(model, *a, **k):
+        calls["dense_cost"] += model is mlp["model"]
+        return cost(model, *a, **k)
+
     monkeypatch.setattr(onnxfair.graph, "analyze", counting_analyze)
+    monkeypatch.setattr(onnxfair.graph, "model_cost", counting_cost)
     monkeypatch.setattr(onnxfair.evaluate, "evaluate_models", counting_evaluate)
     cache = DenseCache()
     cached = [prune_model(mlp["model"], calib, eval_ds, cfg, cache=cache).report for cfg in configs]
     assert [strip(r) for r in cached] == [strip(r) for r in alone]
-    assert calls == {"analyze": 1, "dense": 1 if with_eval else 2}  # held-out splits differ by seed
+    assert calls == {"analyze": 1, "dense": 1 if with_eval else 2, "dense_cost": 1}  # held-out splits differ by seed
     assert cached[0]["dense"] is not cached[1]["dense"]  # each report owns its copy
 
     other = load_dataset(str(mlp["calib"]), mlp["model"], ["race"])  # other data objects: start over
