@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--repair", default="none", choices=["none", "balanced", "plain"],
                    help="statistics repair after selection, before any fine-tuning (onnxfair prune --repair)")
+    p.add_argument("--finetune-loss", default="ce", choices=["ce", "pw", "balanced", "equalized", "ceag"],
+                   help="loss of the fine-tuning epochs, every method alike (onnxfair prune --finetune-loss)")
     p.add_argument("--damping", type=float, default=10.0,
                    help="the fairgrape+damp variant's --damping (fairgrape itself runs the paper's, 0)")
     p.add_argument("--calib-fraction", type=float, default=CALIB_FRACTION,
@@ -140,7 +142,8 @@ def run_key(r: dict) -> tuple:
     return (r["model"], r["method"], r["structured"], r["scope"], float(r["sparsity"]), int(r["seed"]),
             int(r["finetune_epochs"]), int(r["bilevel_steps"]) if r["method"] == "bilevel" else 0,
             float(r.get("calib_fraction", CALIB_FRACTION)), r.get("eval_split", "eval"), int(r.get("iterations", 1)),
-            int(r.get("step_epochs", 0)), r.get("repair", "none"), float(r.get("damping", 0.0)))
+            int(r.get("step_epochs", 0)), r.get("repair", "none"), float(r.get("damping", 0.0)),
+            r.get("finetune_loss", "ce"))
 
 
 def damping(method: str, args: argparse.Namespace) -> float:
@@ -173,7 +176,8 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
-        repair=args.repair, damping=damping(method, args), **schedule(base, sparsity, args),
+        repair=args.repair, damping=damping(method, args), finetune_loss=args.finetune_loss,
+        **schedule(base, sparsity, args),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()
@@ -187,7 +191,7 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
         "scope": args.scope, "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
         "bilevel_steps": args.bilevel_steps if base == "bilevel" else 0, "calib_fraction": args.calib_fraction,
         "eval_split": args.eval_split, **schedule(base, sparsity, args), "repair": args.repair,
-        "damping": damping(method, args),
+        "damping": damping(method, args), "finetune_loss": args.finetune_loss,
         "n_calib": len(fit), "n_eval": len(eval_ds),
         "dense_accuracy": dense["overall"]["accuracy"], "accuracy": pruned["overall"]["accuracy"],
         "std_delta": deg["std_delta"], "max_excess_gap": deg["max_excess_gap"],
@@ -230,7 +234,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                  "sparsity": sparsity, "seed": seed, "finetune_epochs": args.finetune_epochs,
                  "bilevel_steps": args.bilevel_steps, "calib_fraction": args.calib_fraction,
                  "eval_split": args.eval_split, "repair": args.repair, "damping": damping(method, args),
-                 **schedule(METHODS[method][0], sparsity, args)}
+                 "finetune_loss": args.finetune_loss, **schedule(METHODS[method][0], sparsity, args)}
         if run_key(probe) in done:
             continue
         row = one_run(models[name], *data[name], name, method, sparsity, seed, args)
@@ -330,7 +334,9 @@ def dense_line(rows: list[dict], model: str) -> str:
 def caption(rows: list[dict]) -> str:
     r = rows[0]
     kind = "structured (channels)" if r["structured"] else "unstructured (weights)"
-    ft = f", fine-tuned {r['finetune_epochs']} epochs" if r["finetune_epochs"] else ", no fine-tuning"
+    ft_loss = r.get("finetune_loss", "ce")
+    ft = (f", fine-tuned {r['finetune_epochs']} epochs" + (f" ({ft_loss} loss)" if ft_loss != "ce" else "")
+          if r["finetune_epochs"] else ", no fine-tuning")
     its = sorted({int(x.get("iterations", 1)) for x in rows if x["method"] != "bilevel"} or {1})
     between = max(int(x.get("step_epochs", 0)) for x in rows)
     counts = f"{its[0]}" if len(its) == 1 else f"{', '.join(map(str, its))} (10 % of the remaining weights each)"
@@ -408,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                 and float(r.get("calib_fraction", CALIB_FRACTION)) == args.calib_fraction
                 and r.get("eval_split", "eval") == args.eval_split and r.get("repair", "none") == args.repair
                 and float(r.get("damping", 0.0)) == damping(r["method"], args)
+                and r.get("finetune_loss", "ce") == args.finetune_loss
                 and {"iterations": int(r.get("iterations", 1)), "step_epochs": int(r.get("step_epochs", 0))}
                 == schedule(r["criterion"], float(r["sparsity"]), args)]
     if not rows:

@@ -70,6 +70,7 @@ import torch
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import DataError, UsageError
 from onnxfair.finetune import (
+    LOSSES,
     FinetuneResult,
     batch_losses,
     finetune,
@@ -273,8 +274,8 @@ def bilevel_prune(
         raise UsageError(f"unknown fairness penalty {penalty!r}; choose one of {', '.join(PENALTIES)}")
     if loss not in ("ce", "pw"):
         raise UsageError(f"bilevel loss {loss!r} is not supported; use ce or pw")
-    if finetune_loss not in ("ce", "pw", "equalized", "ceag"):
-        raise UsageError(f"unknown fine-tune loss {finetune_loss!r}; choose ce, pw, equalized or ceag")
+    if finetune_loss not in LOSSES:
+        raise UsageError(f"unknown fine-tune loss {finetune_loss!r}; choose one of {', '.join(LOSSES)}")
     if not 0.0 < t_end <= t_start:
         raise UsageError("temperatures must satisfy 0 < t_end <= t_start")
     if len(train) == 0:

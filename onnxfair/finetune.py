@@ -3,6 +3,10 @@
 Losses
 ------
 - ``ce``, ``pw``: per-row losses from :mod:`onnxfair.losses` (``pw`` needs the dense model's probabilities).
+- ``balanced`` (group reweighting, as in Kamiran & Calders 2012 and group-balanced ERM): the mean over the
+  groups present in the batch of each group's mean cross-entropy, so every group weighs the same however
+  few rows it has. No multipliers, so nothing to tune and nothing to oscillate; a minority's rows are seen
+  as often as before, each with more weight (with a small minority, watch for it being over-fit).
 - ``equalized`` (Tran et al., NeurIPS 2022): minimise J subject to J_g − J = 0 for every group g, where J is
   the mean loss over the batch and J_g the mean loss over the batch rows of group g. Lagrangian with
   non-negative multipliers on the absolute constraint violation:
@@ -38,7 +42,8 @@ Optimiser: Adam (default) or SGD with momentum 0.9, no weight decay (decay would
 through the mask, but it also shrinks kept weights the pruning criterion already judged).
 
 Early stopping: the state after each epoch (and the starting state, epoch 0) is scored on ``val``; the best
-is restored at the end. ce/pw: highest val accuracy. equalized/ceag: "accuracy subject to the constraint":
+is restored at the end. ce/pw: highest val accuracy. balanced: highest mean of the val group accuracies
+(the objective's own weighting). equalized/ceag: "accuracy subject to the constraint":
 an epoch is feasible when its val violation is within tolerance ``eps`` (equalized: max_g |J_g − J| of the
 cross-entropy on val ≤ eps, in nats, default 0.05; ceag: max_g ψ_g on val ≤ ε, in accuracy, default 0.02);
 among feasible epochs the highest val accuracy wins, and when no epoch is feasible the smallest violation
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import DataError, UsageError
 
-LOSSES = ("ce", "pw", "equalized", "ceag")
+LOSSES = ("ce", "pw", "balanced", "equalized", "ceag")
 DEFAULT_CEAG_EPS = 0.02  # accuracy units: ψ_g ≤ 2 points
 DEFAULT_EQUALIZED_EPS = 0.05  # loss units (nats): max_g |J_g − J| ≤ 0.05 on val counts as equal
 
@@ -441,7 +446,7 @@ def finetune(
     def record(epoch: int, train_loss: float | None) -> tuple:
         stats = validation_stats(mod, val, n_groups, max(batch_size, 256))
         v = violation(stats)
-        feasible = loss in ("ce", "pw") or v <= result.tolerance + 1e-12
+        feasible = loss in ("ce", "pw", "balanced") or v <= result.tolerance + 1e-12
         rec = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -453,7 +458,8 @@ def finetune(
             multipliers={lab: float(x) for lab, x in zip(labels, lam)} if loss in ("equalized", "ceag") else None,
         )
         result.history.append(rec)
-        key = (1, stats.accuracy) if feasible else (0, -v)
+        score = float(np.nanmean(stats.group_accuracy)) if loss == "balanced" else stats.accuracy
+        key = (1, score) if feasible else (0, -v)
         say(
             f"fine-tune epoch {epoch}: "
             + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
@@ -476,7 +482,10 @@ def finetune(
                 per_row, logits, g = batch_losses(mod, train, idx, device, loss, dense_probs, beta, gamma)
                 j = per_row.mean()
                 objective = j
-                if loss in ("equalized", "ceag"):
+                if loss == "balanced":
+                    jg, counts = group_means(per_row, g, n_groups)
+                    objective = jg[counts > 0].mean()
+                elif loss in ("equalized", "ceag"):
                     jg, counts = group_means(per_row, g, n_groups)
                     present = counts > 0
                     gap = (jg - j) * present

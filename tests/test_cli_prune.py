@@ -120,6 +120,15 @@ def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
     assert json.loads(r.stdout)["structure"]["channels"]["sparsity"] == 0.5 and "warning" not in r.stderr
 
 
+def test_balanced_finetune_keeps_the_epoch_with_the_best_mean_group_accuracy(tmp_path):
+    _, rep = _prune(tmp_path, "bal", "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "2",
+                    "--finetune-loss", "balanced")
+    ft = rep["structure"]["finetune"]
+    assert rep["method"]["finetune_loss"] == ft["loss"] == "balanced"
+    means = [np.mean(list(h["val_group_accuracy"].values())) for h in ft["history"]]
+    assert ft["best_epoch"] == int(np.argmax(means))
+
+
 def test_step_epochs_retrain_between_steps_and_the_trained_weights_are_written(tmp_path):
     # magnitude with no fine-tuning between steps is one-shot magnitude; retraining between steps changes
     # the weights the next step ranks, and the written model carries those trained weights

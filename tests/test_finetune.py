@@ -232,6 +232,47 @@ def test_equalized_loss_narrows_group_loss_gap_vs_ce(conflict):
     assert accs["equalized"][1] > accs["ce"][1] + 0.05
 
 
+def test_balanced_loss_equals_ce_on_data_with_the_minority_repeated():
+    """Full batches of 60 majority and 20 minority rows: mean_g J_g = (Σ_maj + 3 Σ_min) / 120, which is plain
+    CE on the data with each minority row three times. Validation on majority rows only makes both runs'
+    early-stopping keys the same accuracy, so the weights must agree."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(80, 4))
+    g = np.r_[np.zeros(60), np.ones(20)].astype(np.int64)
+    y = ((x[:, 0] > 0) ^ (g == 1) & (x[:, 1] > 0)).astype(np.int64)
+    train = dataset(x, y, g)
+    rep = np.r_[np.arange(60), np.repeat(np.arange(60, 80), 3)]
+    tripled = dataset(x[rep], y[rep], g[rep])
+    xv = rng.normal(size=(100, 4))
+    val = dataset(xv, xv[:, 0] > 0, np.zeros(100))
+    model = trained_mlp(train, hidden=8, steps=1)  # near its random start: training must help
+    params = {}
+    for loss, data in (("balanced", train), ("ce", tripled)):
+        mod = module(model)
+        res = finetune(mod, data, val, masks={"W1": magnitude_mask(inits(model)["W1"], 0.5)}, epochs=3, loss=loss,
+                       lr=0.2, batch_size=1000, seed=0, optimizer="sgd")
+        params[loss] = {k: v.detach().clone() for k, v in mod.params.items()}
+        assert res.best_epoch > 0  # something was trained and kept
+    for k in params["ce"]:
+        torch.testing.assert_close(params["balanced"][k], params["ce"][k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params["ce"]["W2"], torch.from_numpy(inits(model)["W2"].copy()))
+
+
+def test_balanced_loss_lifts_the_minority_and_keeps_the_best_mean_group_accuracy(conflict):
+    model, train, val, masks = conflict
+    accs, results = {}, {}
+    for loss in ("ce", "balanced"):
+        mod = module(model)
+        results[loss] = finetune(mod, train, val, masks=masks, epochs=6, loss=loss, lr=1e-2, batch_size=64, seed=0)
+        accs[loss] = accuracy(mod, val)[1]
+    assert accs["balanced"][1] > accs["ce"][1] + 0.05  # the 15 % minority gains
+    assert abs(accs["balanced"][1] - accs["balanced"][0]) < abs(accs["ce"][1] - accs["ce"][0])
+    hist = results["balanced"].history
+    means = [np.mean(list(r.val_group_accuracy.values())) for r in hist]
+    assert results["balanced"].best_epoch == int(np.argmax(means))
+    assert np.mean(accs["balanced"]) == pytest.approx(max(means))
+
+
 def test_equalized_dual_step_by_hand():
     lam = equalized_dual_step(np.array([0.0, 0.2, 0.5]), np.array([-0.3, 0.1, 9.0]), np.array([True, True, False]), 0.5)
     np.testing.assert_allclose(lam, [0.15, 0.25, 0.5])
