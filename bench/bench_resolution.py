@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-epochs", type=int, default=0)
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--repair", default="none", choices=["none", "balanced", "plain"], help="as in bench_methods")
+    ap.add_argument("--finetune-loss", default="ce", choices=["ce", "pw", "balanced", "equalized", "ceag"],
+                    help="as in bench_methods")
     ap.add_argument("--damping", type=float, default=0.0, help="FairGRAPE's --damping (0: the paper's importance)")
     args = ap.parse_args(argv)
     trained = bool(args.finetune_epochs or args.step_epochs or args.repair != "none")  # magnitude then uses data
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds[:1] if method == "magnitude" and not trained else seeds:  # magnitude alone ignores data
                 cfg = PruneConfig(method=method, structured=False, sparsity=args.sparsity, scope=args.scope,
                                   seed=seed, latency=False, device="cpu", threads=1,
-                                  finetune_epochs=args.finetune_epochs, repair=args.repair,
+                                  finetune_epochs=args.finetune_epochs, finetune_loss=args.finetune_loss,
+                                  repair=args.repair,
                                   damping=args.damping if method == "fairgrape" else 0.0,
                                   **schedule(method, args.sparsity, args))
                 with warnings.catch_warnings():
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         how = (f"{sched['iterations']} steps, {sched['step_epochs']} epochs between" if sched["iterations"] > 1
                else "one shot")
         how += f", {args.finetune_epochs} fine-tuning epochs after" if args.finetune_epochs else ""
+        how += f" ({args.finetune_loss} loss)" if args.finetune_epochs and args.finetune_loss != "ce" else ""
         how += f", {args.repair} repair" if args.repair != "none" else ""
         how += f", fairgrape damping {args.damping:g}" if args.damping else ""
         print(f"\n{name} ({attr}, {args.eval_split} split) @ sparsity {args.sparsity:g}, {args.scope} scope, unstructured, {how}; evaluation rows per group: {sizes}")
