@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import DataError, UsageError
-from onnxfair.model import InputSpec, input_specs
+from onnxfair.model import InputSpec, class_count, input_specs
 
 
 @dataclass
@@ -117,6 +117,16 @@ def _labels(raw: np.ndarray, name: str) -> np.ndarray:
     raise DataError(f"label {name!r} has dtype {raw.dtype}; give integer class indices (encode strings first)")
 
 
+def check_labels(y: np.ndarray, n_classes: int | None, name: str = "y") -> None:
+    """Labels must be class indices the model scores: 0 .. n_classes - 1 (only >= 0 when that is unknown)."""
+    bad = (y < 0) if n_classes is None else (y < 0) | (y >= n_classes)
+    if bad.any():
+        values = ", ".join(str(v) for v in np.unique(y[bad])[:5])
+        span = "must be >= 0" if n_classes is None else f"must be in 0..{n_classes - 1} for a {n_classes}-class model output"
+        raise DataError(f"label {name!r} has values {values} in {int(bad.sum())} rows; class indices {span}: "
+                        "fix the labels or pick the right column with --label")
+
+
 def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Check shape and dtype against the model input; cast only lossless-safe numeric kinds."""
     want = "[" + ", ".join(str(d) if isinstance(d, int) else "N" if i == 0 else str(d) for i, d in enumerate(spec.shape)) + "]"
@@ -183,6 +193,7 @@ def load_dataset(
             raise DataError(f"group attribute {a!r} has {len(col)} rows but the label has {n}; the arrays must align")
     if n == 0:
         raise DataError(f"{p.name} has no rows")
+    check_labels(y, class_count(model), label or ("y" if suffix == ".npz" else "label"))
     ids, labels = _encode_groups(cols, attributes)
     return GroupedDataset(inputs, y, ids, labels, list(attributes), str(p))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from onnxfair.data import GroupedDataset
+from onnxfair.data import GroupedDataset, check_labels
 from onnxfair.errors import DataError
 from onnxfair.metrics import CONVENTIONS, evaluation_block
 from onnxfair.runtime import create_session, latency_inputs, measure_latency
@@ -28,6 +28,7 @@ def evaluate_models(
         out = s.run(ds.inputs, batch_size)
         if out.shape[0] != len(ds):
             raise DataError(f"the model returned {out.shape[0]} rows for {len(ds)} inputs; is the batch axis first?")
+        check_labels(ds.y, 2 if out.ndim == 1 or out.shape[-1] == 1 else int(out.shape[-1]))
         block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels)
         block["conventions"] = CONVENTIONS
         blocks.append(block)

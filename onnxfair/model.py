@@ -114,6 +114,23 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def class_count(model: onnx.ModelProto) -> int | None:
+    """Classes the first graph output scores (read as logits or probabilities): its last dim, 2 for a single
+    binary column or a rank-1 output, None when that dim is symbolic or the shape unknown."""
+    if not model.graph.output:
+        return None
+    t = model.graph.output[0].type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = t.shape.dim
+    if len(dims) <= 1:
+        return 2 if len(dims) == 1 else None
+    last = dims[-1]
+    if not last.HasField("dim_value"):
+        return None
+    return 2 if last.dim_value == 1 else int(last.dim_value)
+
+
 def parse_input_shapes(values: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
     """`NAME=d0,d1,...` options into a dict; a clear error otherwise."""
     shapes: dict[str, tuple[int, ...]] = {}

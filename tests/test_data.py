@@ -103,3 +103,33 @@ def test_split_is_seeded_and_stratified(tiny_linear):
     assert (b1.y == b2.y).all() and len(a1) + len(b1) == len(ds)
     for label, n in ds.group_counts().items():
         assert b1.group_counts()[label] == pytest.approx(0.3 * n, abs=1)
+
+
+@pytest.mark.parametrize("y, classes, message", [
+    ([0, 1, 7, 7], 3, "label 'y' has values 7 in 2 rows; class indices must be in 0..2 for a 3-class model output"),
+    ([0, -1, 2, 1], 3, "label 'y' has values -1 in 1 rows; class indices must be in 0..2"),
+    ([0, 1, 2, 1], 1, "label 'y' has values 2 in 1 rows; class indices must be in 0..1 for a 2-class model output"),
+    ([0, -1, 5, 1], "C", "label 'y' has values -1 in 1 rows; class indices must be >= 0"),
+])
+def test_labels_the_model_cannot_score_are_refused(tmp_path, y, classes, message):
+    from onnx import TensorProto, helper
+
+    model = _model() if classes == 3 else linear_model(np.ones((1, 4)), np.zeros(1))
+    if classes == "C":  # a symbolic class dim: only negative labels can be refused at load time
+        model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "C"]))
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array(y), g=np.array([1, 2, 1, 2]))
+    with pytest.raises(DataError, match=message):
+        load_dataset(tmp_path / "d.npz", model, "g")
+
+
+def test_evaluation_refuses_labels_beyond_the_outputs_when_the_class_dim_is_symbolic(tmp_path):
+    from onnx import TensorProto, helper
+
+    from onnxfair.evaluate import evaluate_models
+
+    model = _model()
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "C"]))
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 5, 1]), g=np.array([1, 2, 1, 2]))
+    ds = load_dataset(tmp_path / "d.npz", model, "g")  # 5 < C cannot be ruled out before running the model
+    with pytest.raises(DataError, match="values 5 in 1 rows; class indices must be in 0..2 for a 3-class"):
+        evaluate_models([model], ds, latency=False)
