@@ -7,7 +7,7 @@ import onnx
 from onnxfair.data import GroupedDataset, check_labels
 from onnxfair.errors import DataError
 from onnxfair.metrics import CONVENTIONS, evaluation_block
-from onnxfair.runtime import create_session, latency_inputs, measure_latency
+from onnxfair.runtime import create_session, latency_inputs, measure_latency, timing_batch
 
 
 def evaluate_models(
@@ -33,7 +33,7 @@ def evaluate_models(
         block["conventions"] = CONVENTIONS
         blocks.append(block)
     if latency:
-        feed = latency_inputs(ds.inputs, latency_batch if all(s.batch_dynamic for s in sessions) else 1)
+        feed = latency_inputs(ds.inputs, timing_batch(sessions, latency_batch))
         for block, lat in zip(blocks, measure_latency(sessions, feed, repeats=repeats)):
             block["latency"] = lat
     return blocks

@@ -85,12 +85,10 @@ def to_tensors(inputs: Mapping[str, np.ndarray], device: torch.device) -> dict[s
 
 def logits_of(mod, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Class scores [N, C]: the model's first output, read as logits (a single binary logit z -> [0, z])."""
+    from onnxfair.interpret.module import batch_output
     from onnxfair.losses import as_class_logits
 
-    out = mod(**inputs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return as_class_logits(out).float()
+    return as_class_logits(batch_output(mod(**inputs), next(iter(inputs.values())).shape[0])).float()
 
 
 def predict_probs(mod, ds: GroupedDataset, batch_size: int = 256) -> np.ndarray:

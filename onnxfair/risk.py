@@ -38,6 +38,7 @@ import torch
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.interpret.device import torch_device
+from onnxfair.interpret.module import batch_output
 from onnxfair.metrics import SMALL_GROUP
 from onnxfair.model import FLOAT_TYPES
 
@@ -188,10 +189,6 @@ def _loss_vector(out: torch.Tensor, y: torch.Tensor, cfg: RiskConfig, dense_prob
     return loss_fn(out, y, dense_probs=dense_probs, kind=cfg.loss, beta=cfg.beta, gamma=cfg.gamma, reduction="none")
 
 
-def _first_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _rademacher(like: Sequence[torch.Tensor], seed: int, k: int) -> list[torch.Tensor]:
     """The k-th Rademacher vector (one ±1 tensor per parameter, its shape, dtype and device).
 
@@ -304,7 +301,7 @@ def assess_risk(
             feed = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
             yt = torch.as_tensor(y, device=device)
             mod.set_masks(None)
-            out = _first_output(mod(**feed))
+            out = batch_output(mod(**feed), len(y))
             probs = probabilities(out.detach())
             dense_probs = probs if cfg.loss == "pw" else None
             lvec = _loss_vector(out, yt, cfg, dense_probs)
@@ -337,7 +334,7 @@ def assess_risk(
             del gp, gs, total, lvec, out
             with torch.no_grad():
                 mod.set_masks(torch_masks)
-                out_m = _first_output(mod(**feed))
+                out_m = batch_output(mod(**feed), len(y))
                 mod.set_masks(None)
                 lvec_m = _loss_vector(out_m, yt, cfg, dense_probs)
                 loss_m_sum += float(lvec_m.double().sum())

@@ -41,25 +41,31 @@ class Session:
     threads: int
     input_names: list[str]
     batch_dynamic: bool
+    declared_batch: int = 1  # the model's own dim 0 (1 when symbolic): the batch a hard-coded graph runs at
 
     def run(self, inputs: dict[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
-        """First output for all rows, in batches; falls back to one row at a time for static-batch graphs."""
+        """First output for all rows, in batches. A graph whose shapes hard-code the batch runs in batches of
+        the size the model declares, the last one padded with copies of its final row (dropped again)."""
         n = next(iter(inputs.values())).shape[0]
-        step = batch_size if self.batch_dynamic else 1
+        step = batch_size if self.batch_dynamic else self.declared_batch
         outs = []
         start = 0
         while start < n:
             feed = {k: inputs[k][start : start + step] for k in self.input_names}
+            rows = min(step, n - start)
+            if not self.batch_dynamic and rows < step:
+                feed = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)]) for k, v in feed.items()}
             try:
-                outs.append(self.session.run(None, feed)[0])
+                outs.append(self.session.run(None, feed)[0][:rows])
             except Exception as exc:
-                if step > 1 and start == 0:
-                    # A Reshape constant that hard-codes batch 1 defeats the dynamic batch: evaluate row by row.
-                    warn_once("model fails on batches > 1 (a shape is hard-coded); evaluating one row at a time")
+                if self.batch_dynamic and start == 0 and step != self.declared_batch:
+                    # A Reshape constant that hard-codes the batch defeats the dynamic batch.
+                    warn_once(f"model fails on batches other than {self.declared_batch} (a shape is hard-coded); "
+                              f"evaluating {self.declared_batch} row{'s' if self.declared_batch > 1 else ''} at a time")
                     self.batch_dynamic = False
-                    step = 1
+                    step = self.declared_batch
                     continue
-                raise ModelError(f"onnxruntime failed to run the model: {str(exc).splitlines()[0]}") from None
+                raise ModelError(f"onnxruntime failed to run the model: {' '.join(str(exc).split())[:400]}") from None
             start += step
         return np.concatenate(outs, axis=0)
 
@@ -104,7 +110,16 @@ def create_session(
         if device == "cuda":
             raise RuntimeUnavailableError("--device cuda asked for, but CUDA is not usable here (session fell back to CPU)")
         warn_once("CUDA provider installed but not usable; running on CPU")
-    return Session(sess, used, threads or (os.cpu_count() or 1), [s.name for s in input_specs(m)], dynamic_batch)
+    specs = input_specs(m)
+    # a batch still fixed here is one make_batch_dynamic leaves alone (or dynamic_batch=False kept)
+    fixed = next((sp.shape[0] for sp in specs if sp.shape and isinstance(sp.shape[0], int) and sp.shape[0] > 0), None)
+    return Session(sess, used, threads or (os.cpu_count() or 1), [sp.name for sp in specs], fixed is None, fixed or 1)
+
+
+def timing_batch(sessions: list[Session], wanted: int) -> int:
+    """The batch to time every session at: `wanted` when all take any batch, else the one a graph fixes."""
+    fixed = [s.declared_batch for s in sessions if not s.batch_dynamic]
+    return fixed[0] if fixed else wanted
 
 
 def latency_inputs(inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

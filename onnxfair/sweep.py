@@ -395,7 +395,7 @@ def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], mod
     if not need:
         return
     from onnxfair.prune import latency_summary
-    from onnxfair.runtime import create_session, latency_inputs, measure_latency
+    from onnxfair.runtime import create_session, latency_inputs, measure_latency, timing_batch
 
     base = plan.base
     progress(f"timing {len(need)} pruned models one at a time (batch {base.latency_batch})")
@@ -405,8 +405,7 @@ def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], mod
         if path is None:  # cannot happen: load_finished and _execute guarantee a model file
             raise UsageError(f"the model of run {r.run_id} is missing; rerun the sweep with --force")
         pruned = create_session(load_model(path, check=False), base.device, base.input_shapes or None, base.threads)
-        batch = base.latency_batch if dense.batch_dynamic and pruned.batch_dynamic else 1
-        d, p = measure_latency([dense, pruned], latency_inputs(ds.inputs, batch))
+        d, p = measure_latency([dense, pruned], latency_inputs(ds.inputs, timing_batch([dense, pruned], base.latency_batch)))
         rep = reports[r.run_id]
         rep["latency"] = latency_summary(d, p)
         rep["method"]["latency"] = True

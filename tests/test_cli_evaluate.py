@@ -52,6 +52,48 @@ def test_static_batch_model_evaluates_every_row(tiny_linear, tmp_path):
     assert json.loads(r.stdout)["groups"] == json.loads(dyn.stdout)["groups"]
 
 
+def _hard_coded_batch(w, b, batch: int, target) -> onnx.ModelProto:
+    """x [batch, F] -> Reshape(x, target) -> Gemm: a graph whose Reshape constant pins the batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, f = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1)],
+        "pinned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, f])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, c])],
+        [numpy_helper.from_array(np.asarray(target, np.int64), "shape"),
+         numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_a_graph_that_pins_its_batch_is_evaluated_in_batches_of_that_size(tiny_linear, tmp_path, batch):
+    """200 rows in batches of 3 leave a padded last batch; every row must still be scored as the dynamic model does."""
+    p = tmp_path / "pinned.onnx"
+    onnx.save(_hard_coded_batch(tiny_linear["w"], tiny_linear["b"], batch, [batch, 4]), p)
+    r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--latency-batch", "8")
+    assert r.exit_code == 0, r.output
+    dyn = run("evaluate", tiny_linear["path"], "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")
+    rep = json.loads(r.stdout)
+    assert rep["groups"] == json.loads(dyn.stdout)["groups"]
+    assert rep["latency"]["batch_size"] == batch  # timed at the only batch the graph runs at
+
+
+@pytest.mark.parametrize("target", [[1, 4], [1, -1]])
+def test_gradient_methods_refuse_a_graph_that_pins_batch_1(tiny_linear, tmp_path, target):
+    """[1, 4] fails on a batch of 64 rows; [1, -1] would silently fold the batch into one row: both refused."""
+    p = tmp_path / "pinned.onnx"
+    onnx.save(_hard_coded_batch(tiny_linear["w"], tiny_linear["b"], 1, target), p)
+    r = run("prune", p, "--data", tiny_linear["data"], "--groups", "race", "--method", "taylor", "--unstructured",
+            "--sparsity", "0.5", "-o", tmp_path / "out.onnx", "--no-latency")
+    assert r.exit_code == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and last.endswith("re-export the model with a dynamic batch axis")
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_compare_degradation(tiny_linear, tmp_path):
     w2 = tiny_linear["w"].copy()
     w2[:, 0] = 0
@@ -130,3 +172,23 @@ def test_evaluate_fixtures_match_fairlearn_exactly(model, data, groups):
     if rep["binary"]:
         eo = equalized_odds_difference(z["y"], pred, sensitive_features=sf)
         assert rep["disparity"]["equalized_odds_difference"] == pytest.approx(eo, abs=1e-15)
+
+
+def test_an_output_that_folds_the_batch_into_one_row_is_refused():
+    """Reshape(x, [1, -1]) as the last node runs on any batch but returns one row: scores would mix rows."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxfair.errors import ModelError
+    from onnxfair.finetune import logits_of
+    from onnxfair.interpret import OnnxModule
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["logits"])], "fold",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array([1, -1], np.int64), "shape")])
+    mod = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    assert logits_of(mod, {"x": torch.ones(1, 4)}).shape == (1, 4)
+    with pytest.raises(ModelError, match=r"returned \(1, 12\) for a batch of 3 rows: a shape in the graph hard-codes"):
+        logits_of(mod, {"x": torch.ones(3, 4)})

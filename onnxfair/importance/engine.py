@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from onnxfair.errors import DataError, UsageError
+from onnxfair.interpret.module import batch_output
 from onnxfair.losses import as_class_logits, loss_fn
 
 __all__ = ["GradStats", "accumulate_gradients", "dense_probabilities", "module_device", "resolve_device"]
@@ -82,10 +83,7 @@ def _tensors(inputs: Mapping[str, np.ndarray], device: torch.device) -> dict[str
 
 
 def _logits(mod: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    out = mod(**inputs)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return as_class_logits(out)
+    return as_class_logits(batch_output(mod(**inputs), next(iter(inputs.values())).shape[0]))
 
 
 def dense_probabilities(mod: Any, dataset: Any, batch_size: int = 256) -> np.ndarray:

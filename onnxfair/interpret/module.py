@@ -104,6 +104,23 @@ def _check_output_names(plan: Plan) -> None:
             raise ModelError(f"graph output {n!r} is produced by no node; the graph is malformed")
 
 
+def _rows(args: tuple) -> int | None:
+    """The leading dim of the first tensor input (the batch of a classifier's inputs)."""
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    return None if first is None else int(first.shape[0])
+
+
+def batch_output(out: Any, rows: int) -> torch.Tensor:
+    """The first graph output of a call on `rows` rows, refused when it has not one row per input row (a
+    shape hard-coded to batch 1, such as Reshape(x, [1, -1]), folds the whole batch into one row)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.dim() == 0 or out.shape[0] != rows:
+        raise ModelError(
+            f"the model returned {tuple(out.shape)} for a batch of {rows} rows: a shape in the graph hard-codes the "
+            "batch size; re-export the model with a dynamic batch axis")
+    return out
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph as an `nn.Module` (eval semantics, symbolic batch, CPU or CUDA).
 
@@ -167,9 +184,26 @@ class OnnxModule(nn.Module):
                 if tb.tb_frame.f_code.co_filename == _GENERATED:
                     line = tb.tb_lineno
                 tb = tb.tb_next
-            if line in self._line_nodes and hasattr(exc, "add_note"):
-                exc.add_note(f"while running ONNX node {self._line_nodes[line]}")
+            node = self._line_nodes.get(line)
+            rows = _rows(args)
+            if isinstance(exc, RuntimeError) and (rows or 1) > 1 and self._runs_on_one_row(P, args, rows):
+                raise ModelError(
+                    f"the model fails on a batch of {rows} rows (ONNX node {node}: {str(exc).splitlines()[0]}) but runs "
+                    "on one row: a shape in the graph hard-codes the batch size; re-export the model with a dynamic "
+                    "batch axis") from None
+            if node is not None and hasattr(exc, "add_note"):
+                exc.add_note(f"while running ONNX node {node}")
             raise
+
+    def _runs_on_one_row(self, P: list, args: tuple, rows: int) -> bool:
+        """Whether the graph runs on the first row alone: tells a batch pinned by the graph from other failures."""
+        one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+        try:
+            with torch.no_grad():
+                self._run(P, list(self._consts._buffers.values()), *one)
+        except Exception:
+            return False
+        return True
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         if len(args) > len(self.input_names):
