@@ -15,7 +15,7 @@ def _format(rep: dict) -> str:
             lines.append(f"{kind[:-1]:<7}{io['name']:<24}{io['dtype'] or '?':<10}{io['shape']}")
     lines.append(f"nodes {rep['nodes']}: " + ", ".join(f"{op} {n}" for op, n in rep["op_counts"].items()))
     if rep.get("macs") is not None:
-        lines.append(f"parameters {rep['parameters']:,}   MACs {rep['macs']:,} (batch 1)   bytes {rep['bytes']:,}")
+        lines.append(f"parameters {rep['parameters']:,}   MACs {rep['macs']:,} (batch {rep.get('macs_batch', 1)})   bytes {rep['bytes']:,}")
     lines.append("unsupported ops: " + (", ".join(rep["unsupported_ops"]) or "none"))
     if "verify" in rep:
         v = rep["verify"]

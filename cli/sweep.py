@@ -107,7 +107,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     from onnxfair.plots import html_report
 
     html_path = html_report(summary, Path(out) / "report.html", images)
-    progress(f"wrote {csv_path}, {json_path}, {html_path}" + (", pareto.png" if images else ""))
+    pngs = [str(Path(out) / f"{name}.png") for name in images]
+    progress("wrote " + ", ".join([str(csv_path), str(json_path), str(html_path), *pngs]))
     if json_out != "-":
         click.echo(format_rows(summary["rows"], disparity))
         click.echo("")

@@ -259,6 +259,12 @@ def _load_table(p: Path, table, specs, attributes, label, features):
     tail = spec.shape[1:]
     if all(isinstance(d, int) for d in tail) and int(np.prod(tail)) == x.shape[1] and len(tail) != 1:
         x = x.reshape((x.shape[0],) + tuple(tail))
+    elif all(isinstance(d, int) for d in tail) and int(np.prod(tail)) != x.shape[1]:
+        raise DataError(
+            f"{p.name} gives {x.shape[1]} feature columns ({', '.join(list(features)[:8])}"
+            f"{', ...' if len(features) > 8 else ''}), the model input {spec.name!r} takes "
+            f"{int(np.prod(tail))}; name the feature columns in order with --features (a group or label column "
+            "left out of --groups counts as a feature)")
     x = _conform(spec.name, x, spec)
     return {spec.name: x}, _labels(table[label].to_numpy(), label), {a: table[a].to_numpy() for a in attributes}
 

@@ -46,7 +46,7 @@ def inspect_model(
     }
     try:
         cost = model_cost(model, input_shapes)
-        report.update(parameters=cost.params, macs=cost.macs, bytes=cost.bytes)
+        report.update(parameters=cost.params, macs=cost.macs, macs_batch=cost.batch, bytes=cost.bytes)
     except UnsupportedError as exc:
         report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
     if verify:

@@ -123,6 +123,20 @@ class DenseCache:
         return self.values[key]
 
 
+def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
+    """The error for a graph without prunable channel groups: the ops nothing can interpret when the graph
+    has any (unstructured pruning would stop on them too), else why the channels are frozen."""
+    from onnxfair.errors import UnsupportedError
+    from onnxfair.interpret import unsupported_ops
+    from onnxfair.interpret.compile import refusal_message
+
+    refused = unsupported_ops(model)
+    if refused:
+        return UnsupportedError(refusal_message(refused))
+    reasons = "; ".join(sorted({f["reason"] for f in an.frozen})[:3]) or "no Conv/Gemm/MatMul channels"
+    return UsageError(f"nothing prunable in this graph ({reasons}); try --unstructured")
+
+
 def _shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
     return tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
 
@@ -230,8 +244,7 @@ def prune_model(
         if cfg.structured:
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
-                reasons = "; ".join(sorted({f["reason"] for f in an.frozen})[:3]) or "no Conv/Gemm/MatMul channels"
-                raise UsageError(f"nothing prunable in this graph ({reasons}); try --unstructured")
+                raise no_channel_groups(model, an)
             dense = an.model
             units = an.groups
         else:

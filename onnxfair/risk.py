@@ -163,8 +163,9 @@ def magnitude_masks(
 
         an = analyze(model, input_shapes=input_shapes or None)
         if not an.groups:
-            reasons = "; ".join(sorted({f["reason"] for f in an.frozen})[:3]) or "no Conv/Gemm/MatMul channels"
-            raise UsageError(f"nothing prunable in this graph ({reasons}); try --unstructured")
+            from onnxfair.prune import no_channel_groups
+
+            raise no_channel_groups(model, an)
         dense = an.model
         scores = compute_scores("magnitude", OnnxModule(dense), groups=an.groups, weights=weight_names(dense),
                                 device="cpu", progress=say)

@@ -211,6 +211,9 @@ def test_inspect_verify_and_unsupported(tmp_path):
     onnx.save(m, tmp_path / "custom.onnx")
     msg = _error(["inspect", tmp_path / "custom.onnx", "--verify"])
     assert "com.example.FusedThing x1" in msg
+    # structured pruning names the op rather than suggesting --unstructured, which would stop on it too
+    msg = _error(["prune", tmp_path / "custom.onnx", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
+    assert msg.startswith("error: unsupported ops: com.example.FusedThing x1"), msg
 
 
 @pytest.mark.parametrize("target", [0.5, 0.6, 0.8])

@@ -133,3 +133,13 @@ def test_evaluation_refuses_labels_beyond_the_outputs_when_the_class_dim_is_symb
     ds = load_dataset(tmp_path / "d.npz", model, "g")  # 5 < C cannot be ruled out before running the model
     with pytest.raises(DataError, match="values 5 in 1 rows; class indices must be in 0..2 for a 3-class"):
         evaluate_models([model], ds, latency=False)
+
+
+def test_a_table_with_an_extra_column_names_it_and_the_fix(tmp_path):
+    df = pd.DataFrame(np.zeros((6, 4)), columns=list("abcd"))
+    df["label"], df["race"], df["sex"] = [0, 1, 2] * 2, ["A", "B"] * 3, [0, 1] * 3
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"t.csv gives 5 feature columns \(a, b, c, d, sex\), the model input 'x' takes 4; "
+                                        "name the feature columns in order with --features"):
+        load_dataset(tmp_path / "t.csv", _model(), "race")
+    assert load_dataset(tmp_path / "t.csv", _model(), "race,sex").inputs["x"].shape == (6, 4)

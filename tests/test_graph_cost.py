@@ -88,3 +88,12 @@ def test_analyze_with_symbolic_spatial_dims():
     assert an.cost.macs == 8 * 36 * 27 + 4 * 36 * 72
     dims = an.model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "N" and dims[2].dim_value == 6  # batch stays symbolic
+
+
+def test_a_model_that_fixes_its_batch_is_counted_at_that_batch_and_says_so():
+    from tests.conftest import linear_model
+
+    w, b = np.ones((3, 4)), np.zeros(3)
+    one, two = model_cost(linear_model(w, b)), model_cost(linear_model(w, b, batch=2))
+    assert (one.macs, one.batch) == (12, 1)
+    assert (two.macs, two.batch) == (24, 2)

@@ -27,6 +27,7 @@ class Cost:
     bytes: int
     per_node: list[dict] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
+    batch: int = 1  # the batch the MACs are counted at: 1, or the batch the model's inputs fix
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +71,8 @@ def node_macs(node: onnx.NodeProto, dims: dict[str, shp.Dims]) -> int | None:
 
 
 def model_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Cost:
-    """Cost at batch 1; a symbolic non-batch input dim without input_shapes is a UsageError."""
+    """Cost at batch 1 (at the model's own batch when its inputs fix one); a symbolic non-batch input dim
+    without input_shapes is a UsageError."""
     return cost_and_node_macs(model, input_shapes)[0]
 
 
@@ -103,6 +105,9 @@ def cost_and_node_macs(model: onnx.ModelProto,
             per_index[i] = macs
         if macs != 0 or params:
             rows.append({"node": name, "op": node.op_type, "macs": macs, "params": int(params)})
+    batch = next((vi.type.tensor_type.shape.dim[0].dim_value for vi in fixed.graph.input
+                  if vi.name not in float_inits and len(vi.type.tensor_type.shape.dim)
+                  and vi.type.tensor_type.shape.dim[0].HasField("dim_value")), 1)
     cost = Cost(macs=int(per_index.sum()), params=int(sum(float_inits.values())), bytes=int(model.ByteSize()),
-                per_node=rows, unknown=unknown)
+                per_node=rows, unknown=unknown, batch=int(batch) or 1)
     return cost, per_index
