@@ -432,25 +432,58 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
         return keep_of(counts)
 
     order_cost = cost[lid]
+    prefix = np.cumsum(order_cost)
+
+    def select_at(limit: float) -> tuple[list[int], float]:
+        n = int(np.searchsorted(prefix, limit + 1e-9, side="right"))
+        ideal = np.bincount(lid[:n], minlength=len(gs))
+        counts = _fit_counts(gs, [gr.rounded(k) for gr, k in zip(gs, ideal)], cost, limit, rank)
+        return counts, real(counts)
+
     limit = goal - fixed
-    counts = None
+    floor = float(sum(c * gr.min_keep for c, gr in zip(cost, gs)))
+    overshot = None  # the last limit whose selection kept more MACs than the goal
     # the smallest change a selection can make: one rounding block of the cheapest group
     block = min(float(c) * gr.round_to for c, gr in zip(cost, gs))
     for attempt in range(30):
-        prefix = np.cumsum(order_cost)
-        n = int(np.searchsorted(prefix, limit + 1e-9, side="right"))
-        ideal = np.bincount(lid[:n], minlength=len(gs))
-        counts = [gr.rounded(k) for gr, k in zip(gs, ideal)]
-        counts = _fit_counts(gs, counts, cost, limit, rank)
-        measured = real(counts)
+        counts, measured = select_at(limit)
         if measured <= goal + 1e-9 or macs_fn is None:
             break
+        overshot = limit
         # step down by the overshoot, and by at least a growing number of blocks so the selection changes
         limit -= max(measured - goal, block * 2**attempt)
-        if limit < float(sum(c * gr.min_keep for c, gr in zip(cost, gs))):
+        if limit < floor:
+            limit = floor
             counts = [gr.min_keep for gr in gs]
             measured = real(counts)
             break
+    if overshot is None and macs_fn is not None and measured <= goal + 1e-9:
+        # the linear estimate can undercount what removing coupled channels saves (a layer loses input and
+        # output channels at once), landing under the goal: raise the limit until a selection overshoots
+        step = max(goal - measured, block)
+        for _ in range(30):
+            if limit >= total:
+                break
+            c, m = select_at(limit + step)
+            if m > goal + 1e-9:
+                overshot = limit + step
+                break
+            limit += step
+            if m > measured:
+                counts, measured = c, m
+            step *= 2
+    if overshot is not None and measured <= goal + 1e-9:
+        # the step-downs (or ups) can land well under the goal: bisect towards the last limit that
+        # overshot, keeping the feasible selection that keeps the most MACs
+        for _ in range(12):
+            mid = 0.5 * (limit + overshot)
+            c, m = select_at(mid)
+            if m <= goal + 1e-9:
+                limit = mid
+                if m > measured:
+                    counts, measured = c, m
+            else:
+                overshot = mid
     _check_met(measured, goal, total, target)
     return keep_of(counts)
 
