@@ -7,6 +7,7 @@ import onnx
 from onnxfair.data import GroupedDataset, check_labels
 from onnxfair.errors import DataError
 from onnxfair.metrics import CONVENTIONS, evaluation_block
+from onnxfair.model import classes_of
 from onnxfair.runtime import create_session, latency_inputs, measure_latency, timing_batch
 
 
@@ -28,7 +29,7 @@ def evaluate_models(
         out = s.run(ds.inputs, batch_size)
         if out.shape[0] != len(ds):
             raise DataError(f"the model returned {out.shape[0]} rows for {len(ds)} inputs; is the batch axis first?")
-        check_labels(ds.y, 2 if out.ndim == 1 or out.shape[-1] == 1 else int(out.shape[-1]))
+        check_labels(ds.y, classes_of(out.shape))
         block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels)
         block["conventions"] = CONVENTIONS
         blocks.append(block)

@@ -114,21 +114,24 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def classes_of(shape) -> int | None:
+    """Classes an output of this shape scores, read as the losses read logits: the product of the dims after
+    the batch (one column, or a rank-1 output, is a binary logit: 2); None when one of them is unknown."""
+    tail = list(shape)[1:]
+    if any(not isinstance(d, int) or d <= 0 for d in tail):
+        return None
+    n = int(np.prod(tail)) if tail else 1
+    return 2 if n == 1 else n
+
+
 def class_count(model: onnx.ModelProto) -> int | None:
-    """Classes the first graph output scores (read as logits or probabilities): its last dim, 2 for a single
-    binary column or a rank-1 output, None when that dim is symbolic or the shape unknown."""
-    if not model.graph.output:
+    """Classes the first graph output scores (see `classes_of`); None when its shape is not known."""
+    if not model.graph.output or not model.graph.output[0].type.tensor_type.HasField("shape"):
         return None
-    t = model.graph.output[0].type.tensor_type
-    if not t.HasField("shape"):
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if not dims:
         return None
-    dims = t.shape.dim
-    if len(dims) <= 1:
-        return 2 if len(dims) == 1 else None
-    last = dims[-1]
-    if not last.HasField("dim_value"):
-        return None
-    return 2 if last.dim_value == 1 else int(last.dim_value)
+    return classes_of([d.dim_value if d.HasField("dim_value") else None for d in dims])
 
 
 def parse_input_shapes(values: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

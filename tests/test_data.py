@@ -143,3 +143,10 @@ def test_a_table_with_an_extra_column_names_it_and_the_fix(tmp_path):
                                         "name the feature columns in order with --features"):
         load_dataset(tmp_path / "t.csv", _model(), "race")
     assert load_dataset(tmp_path / "t.csv", _model(), "race,sex").inputs["x"].shape == (6, 4)
+
+
+def test_classes_are_read_from_the_output_as_the_losses_read_logits():
+    from onnxfair.model import classes_of
+
+    assert [classes_of(s) for s in [("N", 3), ("N", 1), ("N",), (5, 10, 1, 1), ("N", None), ("N", "C")]] == \
+        [3, 2, 2, 10, None, None]

@@ -186,7 +186,9 @@ class OnnxModule(nn.Module):
                 tb = tb.tb_next
             node = self._line_nodes.get(line)
             rows = _rows(args)
-            if isinstance(exc, RuntimeError) and (rows or 1) > 1 and self._runs_on_one_row(P, args, rows):
+            pinned = (isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower()
+                      and (rows or 1) > 1 and self._runs_on_one_row(P, args, rows))
+            if pinned:
                 raise ModelError(
                     f"the model fails on a batch of {rows} rows (ONNX node {node}: {str(exc).splitlines()[0]}) but runs "
                     "on one row: a shape in the graph hard-codes the batch size; re-export the model with a dynamic "
