@@ -457,7 +457,7 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
             counts = [gr.min_keep for gr in gs]
             measured = real(counts)
             break
-    if overshot is None and macs_fn is not None and measured <= goal + 1e-9:
+    if overshot is None and macs_fn is not None and goal - measured > block:
         # the linear estimate can undercount what removing coupled channels saves (a layer loses input and
         # output channels at once), landing under the goal: raise the limit until a selection overshoots
         step = max(goal - measured, block)
