@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
+from onnxfair.finetune import LOSSES  # noqa: E402
 from onnxfair.data import GroupedDataset, load_dataset  # noqa: E402
 from onnxfair.prune import PruneConfig, prune_model, versions  # noqa: E402
 
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--repair", default="none", choices=["none", "balanced", "plain"],
                    help="statistics repair after selection, before any fine-tuning (onnxfair prune --repair)")
-    p.add_argument("--finetune-loss", default="ce", choices=["ce", "pw", "balanced", "equalized", "ceag"],
+    p.add_argument("--finetune-loss", default="ce", choices=LOSSES,
                    help="loss of the fine-tuning epochs, every method alike (onnxfair prune --finetune-loss)")
     p.add_argument("--damping", type=float, default=10.0,
                    help="the fairgrape+damp variant's --damping (fairgrape itself runs the paper's, 0)")

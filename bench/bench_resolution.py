@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 
 from bench.bench_methods import CALIB_FRACTION, FIXTURES, calib_subsample, schedule  # noqa: E402
+from onnxfair.finetune import LOSSES  # noqa: E402
 from onnxfair.data import GroupedDataset, load_dataset  # noqa: E402
 from onnxfair.metrics import predictions  # noqa: E402
 from onnxfair.prune import PruneConfig, prune_model  # noqa: E402
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-epochs", type=int, default=0)
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("--repair", default="none", choices=["none", "balanced", "plain"], help="as in bench_methods")
-    ap.add_argument("--finetune-loss", default="ce", choices=["ce", "pw", "balanced", "equalized", "ceag"],
+    ap.add_argument("--finetune-loss", default="ce", choices=LOSSES,
                     help="as in bench_methods")
     ap.add_argument("--damping", type=float, default=0.0, help="FairGRAPE's --damping (0: the paper's importance)")
     args = ap.parse_args(argv)

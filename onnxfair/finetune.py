@@ -462,6 +462,7 @@ def finetune(
             f"fine-tune epoch {epoch}: "
             + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
             + f"val accuracy {stats.accuracy:.4f}"
+            + (f", mean group accuracy {score:.4f}" if loss == "balanced" else "")
             + (f", violation {v:.4f}" if loss in ("equalized", "ceag") else "")
         )
         return key

@@ -75,6 +75,10 @@ def loss_fn(
     y = torch.as_tensor(y, device=logits.device).long().reshape(-1)
     if y.shape[0] != logits.shape[0]:
         raise UsageError(f"{y.shape[0]} labels for {logits.shape[0]} rows of logits")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):  # a symbolic class dim is known only now
+        from onnxfair.data import check_labels
+
+        check_labels(y.cpu().numpy(), logits.shape[1])
     if kind == "ce":
         per_row = F.cross_entropy(logits, y, reduction="none")
     elif kind == "pw":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxfair.model import classes_of
+
 SMALL_GROUP = 10  # groups with fewer rows are reported and flagged, not dropped
 
 CONVENTIONS = {
@@ -29,9 +31,10 @@ CONVENTIONS = {
 
 
 def predictions(outputs: np.ndarray) -> np.ndarray:
-    """Class index per row: argmax over the last axis; a single column is a logit (>0) or probability (>0.5)."""
+    """Class index per row: argmax over the non-batch dims (as the losses read logits); a single column is a
+    logit (>0) or probability (>0.5)."""
     out = np.asarray(outputs)
-    if out.ndim == 1 or out.shape[-1] == 1:
+    if out.ndim == 1 or int(np.prod(out.shape[1:])) == 1:
         flat = out.reshape(out.shape[0])
         threshold = 0.5 if (flat.min() >= 0.0 and flat.max() <= 1.0) else 0.0
         return (flat > threshold).astype(np.int64)
@@ -105,7 +108,7 @@ def evaluation_block(
 ) -> dict:
     """Everything metric-related about one model on one dataset (latency is added by the caller)."""
     y_pred = predictions(outputs)
-    n_classes = int(max(outputs.shape[-1] if outputs.ndim > 1 and outputs.shape[-1] > 1 else 2, y_true.max() + 1))
+    n_classes = int(max(classes_of(outputs.shape) or 2, y_true.max() + 1))
     binary = n_classes == 2
     table = group_table(y_true, y_pred, group_ids, group_labels, binary)
     return {

@@ -125,10 +125,12 @@ def classes_of(shape) -> int | None:
 
 
 def class_count(model: onnx.ModelProto) -> int | None:
-    """Classes the first graph output scores (see `classes_of`); None when its shape is not known."""
-    if not model.graph.output or not model.graph.output[0].type.tensor_type.HasField("shape"):
+    """Classes the first graph output scores (see `classes_of`); None when its shape is not known or it is not
+    a float output (an integer label output, say)."""
+    t = model.graph.output[0].type.tensor_type if model.graph.output else None
+    if t is None or not t.HasField("shape") or t.elem_type not in FLOAT_TYPES:  # not class scores: cannot tell
         return None
-    dims = model.graph.output[0].type.tensor_type.shape.dim
+    dims = t.shape.dim
     if not dims:
         return None
     return classes_of([d.dim_value if d.HasField("dim_value") else None for d in dims])

@@ -321,9 +321,11 @@ def prune_model(
             nonzero = cp.params - structure["weights"]["zeroed"]
             cost["params_nonzero_pruned"] = int(nonzero)
         if cfg.target_macs is not None and cost["macs_ratio"] < cfg.target_macs - 0.05:
+            fix = ("a smaller --round-to fits more closely" if cfg.round_to > 1
+                   else "--scope layer takes the same fraction from every group, which fits differently")
             progress(f"warning: {cost['macs_ratio']:.3f} of the MACs kept, not {cfg.target_macs} (--target-macs): "
                      f"channels go in blocks of --round-to {cfg.round_to} in the ranking's order and no closer fit was "
-                     "found; a smaller --round-to fits more closely")
+                     f"found; {fix}")
 
     report: dict = {
         "onnxfair_report": 1,

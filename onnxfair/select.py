@@ -434,11 +434,16 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
     order_cost = cost[lid]
     prefix = np.cumsum(order_cost)
 
+    measured_at: dict[tuple, float] = {}  # the real cost of each distinct selection, measured once
+
     def select_at(limit: float) -> tuple[list[int], float]:
         n = int(np.searchsorted(prefix, limit + 1e-9, side="right"))
         ideal = np.bincount(lid[:n], minlength=len(gs))
         counts = _fit_counts(gs, [gr.rounded(k) for gr, k in zip(gs, ideal)], cost, limit, rank)
-        return counts, real(counts)
+        key = tuple(counts)
+        if key not in measured_at:
+            measured_at[key] = real(counts)
+        return counts, measured_at[key]
 
     limit = goal - fixed
     floor = float(sum(c * gr.min_keep for c, gr in zip(cost, gs)))
@@ -462,7 +467,7 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
         # output channels at once), landing under the goal: raise the limit until a selection overshoots
         step = max(goal - measured, block)
         for _ in range(30):
-            if limit >= total:
+            if limit >= prefix[-1]:
                 break
             c, m = select_at(limit + step)
             if m > goal + 1e-9:
@@ -476,6 +481,8 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
         # the step-downs (or ups) can land well under the goal: bisect towards the last limit that
         # overshot, keeping the feasible selection that keeps the most MACs
         for _ in range(12):
+            if overshot - limit < float(cost.min()):  # no channel left to add or drop in between
+                break
             mid = 0.5 * (limit + overshot)
             c, m = select_at(mid)
             if m <= goal + 1e-9:

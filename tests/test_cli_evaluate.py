@@ -192,3 +192,24 @@ def test_an_output_that_folds_the_batch_into_one_row_is_refused():
     assert logits_of(mod, {"x": torch.ones(1, 4)}).shape == (1, 4)
     with pytest.raises(ModelError, match=r"returned \(1, 12\) for a batch of 3 rows: a shape in the graph hard-codes"):
         logits_of(mod, {"x": torch.ones(3, 4)})
+
+
+def test_a_failure_caused_by_one_rows_data_is_not_blamed_on_the_batch():
+    """Row 0 is fine, row 1 indexes out of range: the graph takes any batch, so the error must stay the real one."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from onnxfair.errors import ModelError
+    from onnxfair.interpret import OnnxModule
+
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)], "gather",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+         helper.make_tensor_value_info("i", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
+    mod = OnnxModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    x, ok = torch.ones(2, 4), torch.tensor([[1], [2]])
+    assert mod(x=x, i=ok).shape == (2, 1)
+    with pytest.raises(Exception) as err:
+        mod(x=x, i=torch.tensor([[1], [7]]))
+    assert not isinstance(err.value, ModelError)

@@ -120,6 +120,14 @@ def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
     assert json.loads(r.stdout)["structure"]["channels"]["sparsity"] == 0.5 and "warning" not in r.stderr
 
 
+def test_the_cli_offers_every_finetune_loss_there_is():
+    from cli.prune import prune
+    from onnxfair.finetune import LOSSES
+
+    opt = next(o for o in prune.params if o.name == "finetune_loss")
+    assert tuple(opt.type.choices) == LOSSES
+
+
 def test_balanced_finetune_keeps_the_epoch_with_the_best_mean_group_accuracy(tmp_path):
     _, rep = _prune(tmp_path, "bal", "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "2",
                     "--finetune-loss", "balanced")

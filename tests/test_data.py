@@ -150,3 +150,14 @@ def test_classes_are_read_from_the_output_as_the_losses_read_logits():
 
     assert [classes_of(s) for s in [("N", 3), ("N", 1), ("N",), (5, 10, 1, 1), ("N", None), ("N", "C")]] == \
         [3, 2, 2, 10, None, None]
+
+
+def test_an_integer_first_output_is_not_read_as_class_scores():
+    from onnx import TensorProto, helper
+
+    from onnxfair.model import class_count
+
+    model = _model()
+    assert class_count(model) == 3
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.INT64, ["N"]))
+    assert class_count(model) is None

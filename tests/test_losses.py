@@ -90,3 +90,11 @@ def test_pw_accepts_numpy_dense_probs():
     logits = torch.zeros(3, 2)
     got = loss_fn(logits, Y, dense_probs=np.asarray(DENSE, dtype=np.float32), kind="pw", reduction="mean")
     assert float(got) == pytest.approx(float(pw_sample_weights(DENSE, Y).mean()) * math.log(2), rel=1e-6)
+
+
+def test_labels_beyond_the_logits_are_refused_by_name():
+    """A model whose class dim is symbolic lets such labels through loading: the loss is where they meet."""
+    from onnxfair.errors import DataError
+
+    with pytest.raises(DataError, match="label 'y' has values 5 in 1 rows; class indices must be in 0..2"):
+        loss_fn(torch.zeros(3, 3), torch.tensor([0, 5, 1]))

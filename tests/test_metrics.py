@@ -100,3 +100,12 @@ def test_degradation_by_hand():
 def test_predictions_single_column():
     assert predictions(np.array([[0.2], [0.7]])).tolist() == [0, 1]
     assert predictions(np.array([[-1.5], [2.0], [0.3]])).tolist() == [0, 1, 1]
+
+
+def test_a_conv_head_output_is_read_like_its_flattened_logits():
+    """[N, C, 1, 1] (a head without Flatten) scores C classes, as the losses read it; one column stays binary."""
+    flat = np.array([[0.1, 2.0, -1.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0]])
+    assert predictions(flat[:, :, None, None]).tolist() == [1, 0, 3]
+    assert predictions(np.array([[[[-0.3]]], [[[0.4]]]])).tolist() == [0, 1]
+    block = evaluation_block(flat[:, :, None, None], np.array([1, 0, 2]), np.zeros(3, np.int64), ["g=a"])
+    assert block["overall"]["accuracy"] == pytest.approx(2 / 3) and not block["binary"]

@@ -186,26 +186,36 @@ class OnnxModule(nn.Module):
                 tb = tb.tb_next
             node = self._line_nodes.get(line)
             rows = _rows(args)
-            pinned = (isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower()
-                      and (rows or 1) > 1 and self._runs_on_one_row(P, args, rows))
-            if pinned:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, RuntimeError) and (rows or 1) > 1 and self._batch_is_pinned(P, args, rows):
                 raise ModelError(
-                    f"the model fails on a batch of {rows} rows (ONNX node {node}: {str(exc).splitlines()[0]}) but runs "
-                    "on one row: a shape in the graph hard-codes the batch size; re-export the model with a dynamic "
-                    "batch axis") from None
+                    f"the model fails on a batch of {rows} rows (ONNX node {node}: {text}) but runs on one row: a shape "
+                    "in the graph hard-codes the batch size; re-export the model with a dynamic batch axis") from exc
             if node is not None and hasattr(exc, "add_note"):
                 exc.add_note(f"while running ONNX node {node}")
             raise
 
-    def _runs_on_one_row(self, P: list, args: tuple, rows: int) -> bool:
-        """Whether the graph runs on the first row alone: tells a batch pinned by the graph from other failures."""
-        one = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+    def _batch_is_pinned(self, P: list, args: tuple, rows: int) -> bool:
+        """Whether a failure on `rows` rows comes from the batch size itself: the graph runs on the first row
+        alone but fails on that row repeated `rows` times (so the data, or memory, are not the cause)."""
+        consts = list(self._consts._buffers.values())
+
+        def runs(n: int) -> bool:
+            feed = tuple(a[:1].repeat((n,) + (1,) * (a.dim() - 1))
+                         if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == rows else a for a in args)
+            try:
+                with torch.no_grad():
+                    self._run(P, consts, *feed)
+            except Exception as exc:
+                if "memory" in str(exc).lower():
+                    raise
+                return False
+            return True
+
         try:
-            with torch.no_grad():
-                self._run(P, list(self._consts._buffers.values()), *one)
-        except Exception:
+            return runs(1) and not runs(rows)
+        except Exception:  # out of memory while probing: not a pinned batch
             return False
-        return True
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         if len(args) > len(self.input_names):
