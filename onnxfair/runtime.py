@@ -55,17 +55,24 @@ class Session:
             rows = min(step, n - start)
             if not self.batch_dynamic and rows < step:
                 feed = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)]) for k, v in feed.items()}
+            fed = len(next(iter(feed.values())))
             try:
-                outs.append(self.session.run(None, feed)[0][:rows])
+                out = self.session.run(None, feed)[0]
+                error = None if out.ndim and out.shape[0] == fed else (
+                    f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}")
             except Exception as exc:
+                out, error = None, " ".join(str(exc).split())[:400]
+            if error is not None:
                 if self.batch_dynamic and start == 0 and step != self.declared_batch:
-                    # A Reshape constant that hard-codes the batch defeats the dynamic batch.
+                    # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
+                    # folds the rows together.
                     warn_once(f"model fails on batches other than {self.declared_batch} (a shape is hard-coded); "
                               f"evaluating {self.declared_batch} row{'s' if self.declared_batch > 1 else ''} at a time")
                     self.batch_dynamic = False
                     step = self.declared_batch
                     continue
-                raise ModelError(f"onnxruntime failed to run the model: {' '.join(str(exc).split())[:400]}") from None
+                raise ModelError(f"onnxruntime failed to run the model: {error}")
+            outs.append(out[:rows])
             start += step
         return np.concatenate(outs, axis=0)
 

@@ -80,6 +80,24 @@ def test_a_graph_that_pins_its_batch_is_evaluated_in_batches_of_that_size(tiny_l
     assert rep["latency"]["batch_size"] == batch  # timed at the only batch the graph runs at
 
 
+def test_a_graph_that_folds_the_batch_at_its_output_is_evaluated_row_by_row(tiny_linear, tmp_path):
+    """Gemm then Reshape(logits, [1, -1]): onnxruntime accepts any batch but returns one row for all of them."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(tiny_linear["path"])
+    m.graph.node[-1].output[0] = "scores"
+    m.graph.node.append(helper.make_node("Reshape", ["scores", "fold"], ["logits"]))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "fold"))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    m.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    p = tmp_path / "fold.onnx"
+    onnx.save(m, p)
+    r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    dyn = run("evaluate", tiny_linear["path"], "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")
+    assert json.loads(r.stdout)["groups"] == json.loads(dyn.stdout)["groups"]
+
+
 @pytest.mark.parametrize("target", [[1, 4], [1, -1]])
 def test_gradient_methods_refuse_a_graph_that_pins_batch_1(tiny_linear, tmp_path, target):
     """[1, 4] fails on a batch of 64 rows; [1, -1] would silently fold the batch into one row: both refused."""
