@@ -388,19 +388,19 @@ def latency_summary(dense: dict, pruned: dict) -> dict:
 
 
 def _latency_without_data(model: onnx.ModelProto, pruned: onnx.ModelProto, cfg: PruneConfig) -> dict:
-    """Without data, time both models on seeded random inputs of the model's shape."""
+    """Without data, time both models on seeded random inputs of the model's shape, at the batch the
+    evaluation path would use (`timing_batch`: the graph's own when it fixes one)."""
     from onnxfair.model import fix_input_shapes, input_specs
-    from onnxfair.runtime import create_session, measure_latency
+    from onnxfair.runtime import create_session, measure_latency, timing_batch
 
+    sessions = [create_session(m, cfg.device, cfg.input_shapes or None, cfg.threads) for m in (model, pruned)]
+    batch = timing_batch(sessions, cfg.latency_batch)
     rng = np.random.default_rng(cfg.seed)
     feed = {}
     for spec in input_specs(fix_input_shapes(model, cfg.input_shapes)):
-        shape = [cfg.latency_batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(spec.shape)]
+        shape = [batch, *spec.shape[1:]] if spec.shape else []
         if any(not isinstance(d, int) for d in shape):
             raise UsageError(f"input {spec.name!r} has symbolic dims {spec.shape}; pass --input-shape {spec.name}=d0,d1,...")
-        if spec.shape and spec.shape[0] == 1:
-            shape[0] = cfg.latency_batch
         feed[spec.name] = (rng.standard_normal(shape) if spec.dtype.kind == "f" else np.zeros(shape)).astype(spec.dtype)
-    sessions = [create_session(m, cfg.device, cfg.input_shapes or None, cfg.threads) for m in (model, pruned)]
     dense, pr = measure_latency(sessions, feed)
     return latency_summary(dense, pr)

@@ -66,8 +66,7 @@ class Session:
                 if self.batch_dynamic and start == 0 and step != self.declared_batch:
                     # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
                     # folds the rows together.
-                    warn_once(f"model fails on batches other than {self.declared_batch} (a shape is hard-coded); "
-                              f"evaluating {self.declared_batch} row{'s' if self.declared_batch > 1 else ''} at a time")
+                    _warn_pinned(self.declared_batch)
                     self.batch_dynamic = False
                     step = self.declared_batch
                     continue
@@ -75,6 +74,11 @@ class Session:
             outs.append(out[:rows])
             start += step
         return np.concatenate(outs, axis=0)
+
+
+def _warn_pinned(declared: int) -> None:
+    warn_once(f"model fails on batches other than {declared} (a shape is hard-coded); "
+              f"running {declared} row{'s' if declared > 1 else ''} at a time")
 
 
 def create_session(
@@ -144,7 +148,15 @@ def measure_latency(
     times: list[list[float]] = [[] for _ in sessions]
     for s in sessions:
         for _ in range(warmup):
-            s.session.run(None, {k: feed[k] for k in s.input_names})
+            try:
+                s.session.run(None, {k: feed[k] for k in s.input_names})
+            except Exception as exc:
+                if s.batch_dynamic and batch != s.declared_batch:  # a hard-coded batch met before any evaluation
+                    _warn_pinned(s.declared_batch)
+                    s.batch_dynamic = False
+                    return measure_latency(sessions, latency_inputs(feed, s.declared_batch), warmup, repeats)
+                raise ModelError(f"onnxruntime failed to time the model at batch {batch}: "
+                                 f"{' '.join(str(exc).split())[:300]}") from None
     for _ in range(repeats):
         for i, s in enumerate(sessions):
             f = {k: feed[k] for k in s.input_names}

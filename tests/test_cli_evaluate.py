@@ -80,6 +80,19 @@ def test_a_graph_that_pins_its_batch_is_evaluated_in_batches_of_that_size(tiny_l
     assert rep["latency"]["batch_size"] == batch  # timed at the only batch the graph runs at
 
 
+def test_data_free_prune_times_a_graph_that_pins_its_batch_at_that_batch(tiny_linear, tmp_path):
+    """No data means no evaluation to discover the pinned batch first: the timing itself falls back."""
+    p, out = tmp_path / "pinned.onnx", tmp_path / "pruned.onnx"
+    onnx.save(_hard_coded_batch(tiny_linear["w"], tiny_linear["b"], 1, [1, 4]), p)
+    r = run("prune", p, "--method", "magnitude", "--unstructured", "--sparsity", "0.5", "-o", out, "--json", "-",
+            "--latency-batch", "8")
+    assert r.exit_code == 0, r.output
+    lat = json.loads(r.stdout)["latency"]
+    assert lat["dense"]["batch_size"] == lat["pruned"]["batch_size"] == 1
+    w = onnx.numpy_helper.to_array(next(i for i in onnx.load(out).graph.initializer if i.name == "W"))
+    assert np.count_nonzero(w) == 6  # the weights were pruned all the same
+
+
 def test_a_graph_that_folds_the_batch_at_its_output_is_evaluated_row_by_row(tiny_linear, tmp_path):
     """Gemm then Reshape(logits, [1, -1]): onnxruntime accepts any batch but returns one row for all of them."""
     from onnx import helper, numpy_helper
