@@ -57,7 +57,7 @@ from onnxfair.report import format_prune
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="torch and onnxruntime intra-op threads, and layers ranked at once (0: all cores); 1 is fastest for small models on busy machines.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Calibration batch size for scoring.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Batch size for scoring, repair and fine-tuning.")
 @click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--no-latency", is_flag=True, help="Skip latency timing.")
 @click.option("--sparse-storage", is_flag=True, help="Unstructured: store pruned weights as sparse initializers where smaller.")
