@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.outputs import check_outputs
 from cli.options import data_options, emit_json, load_data, load_model, parse_input_shapes, progress, runtime_options
 from onnxfair.evaluate import evaluate_models
 from onnxfair.metrics import degradation
@@ -19,6 +20,7 @@ from onnxfair.report import format_comparison, format_evaluation
 def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, device: str, batch_size: int,
              latency_batch: int, input_shape: tuple[str, ...], **kw) -> None:
     """Per-group accuracy and disparity of MODEL on --data, with onnxruntime."""
+    check_outputs({"model": model, "--data": data}, {"--json": json_out})
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, m, kw)
@@ -41,6 +43,7 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
 def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_latency: bool, device: str,
             batch_size: int, latency_batch: int, input_shape: tuple[str, ...], **kw) -> None:
     """MODEL_A (dense) and MODEL_B (pruned) side by side, with the degradation of B relative to A."""
+    check_outputs({"MODEL_A": model_a, "MODEL_B": model_b, "--data": data}, {"--json": json_out})
     a, b = load_model(model_a), load_model(model_b)
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, a, kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.outputs import check_outputs
 from cli.options import emit_json, load_model, parse_input_shapes
 from onnxfair.inspect import inspect_model
 
@@ -48,6 +49,7 @@ def _format(rep: dict) -> str:
 def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...], input_shape: tuple[str, ...],
             seed: int, json_out: str | None) -> None:
     """Describe MODEL: inputs/outputs, op counts, parameters, MACs, unsupported ops."""
+    check_outputs({"model": model}, {"--json": json_out})
     m = load_model(model)
     rep = inspect_model(m, parse_input_shapes(input_shape) or None, verify=verify, groups=show_groups, ignore=ignore, seed=seed)
     rep = {"model": model, **rep}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cli.outputs import check_outputs
 from cli.options import data_options_optional, emit_json, load_data, load_model, parse_input_shapes, progress
 from onnxfair.errors import UsageError
 from onnxfair.model import save_model_atomic, write_text_atomic
@@ -67,11 +68,8 @@ from onnxfair.report import format_prune
 def prune(model: str, data: str | None, eval_data: str | None, output: str, report_path: str | None, json_out: str | None,
           input_shape: tuple[str, ...], ignore: tuple[str, ...], no_latency: bool, **kw) -> None:
     """Prune MODEL under a budget with a fairness-aware method, and report before/after per group."""
-    if Path(output).exists() and Path(model).exists() and Path(output).resolve() == Path(model).resolve():
-        raise UsageError(f"refusing to overwrite the input model {model}; choose another -o path")
-    for target in (output, report_path):
-        if target and not Path(target).resolve().parent.is_dir():
-            raise UsageError(f"output folder {Path(target).parent} does not exist; create it or choose another path")
+    check_outputs({"model": model, "--data": data, "--eval-data": eval_data},
+                  {"-o": output, "--report": report_path, "--json": json_out})
     m = load_model(model)
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}
     if data and not data_kw["groups"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.outputs import check_outputs
 from cli.options import data_options, emit_json, load_data, load_model, parse_input_shapes, progress
 from onnxfair.risk import RiskConfig, format_risk, risk_report
 
@@ -37,6 +38,7 @@ def risk(model: str, data: str, sparsity: float, structured: bool, scope: str, r
          json_out: str | None, **kw) -> None:
     """Bias-risk pre-check of MODEL on --data: per-group loss, gradient norm, Hessian trace, uncertain share,
     and the predicted (g'd + d'Hd/2) and measured loss change of the magnitude mask at --sparsity."""
+    check_outputs({"model": model, "--data": data}, {"--json": json_out})
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, m, kw)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cli.outputs import check_outputs
 from cli.options import data_options_optional, image_options, emit_json, load_data, load_model, parse_input_shapes, progress
 from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
@@ -59,6 +60,7 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     DIR/results.json (one row per run, Pareto front and recommendation), DIR/pareto.png, DIR/groups.png and a
     self-contained DIR/report.html.
     """
+    check_outputs({"model": model, "--data": data, "--eval-data": eval_data}, {"--json": json_out})
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}
     if not data or not data_kw["groups"]:
         raise UsageError("onnxfair sweep measures accuracy and disparity: pass --data and --groups (e.g. --groups race)")

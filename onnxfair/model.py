@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,27 +70,35 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, protect: 
             raise UsageError(f"refusing to overwrite the input model {other}; choose another -o path")
     if target.parent and not target.parent.exists():
         raise UsageError(f"output folder {target.parent} does not exist; create it or choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
-    os.close(fd)
-    try:
+    with _writable(target) as tmp:
         onnx.save(model, tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Atomic text write for reports."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, target)
+    with _writable(target) as tmp:
+        Path(tmp).write_text(text)
     return target
+
+
+@contextlib.contextmanager
+def _writable(target: Path) -> Iterator[str]:
+    """A temporary file beside `target`, renamed onto it when the body succeeds and removed otherwise; a
+    failed write (a missing or read-only folder, a full disk) is one line naming the path."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose another path") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def initializer_names(model: onnx.ModelProto) -> set[str]:

@@ -92,6 +92,12 @@ class PruneConfig:
             raise UsageError(f"--damping {self.damping} must be a finite number >= 0 (0: the paper's fairgrape importance)")
         if self.damping and self.method != "fairgrape":
             raise UsageError(f"--damping applies to --method fairgrape only, not {self.method}; drop --damping")
+        if not (self.finetune_lr > 0.0 and math.isfinite(self.finetune_lr)):
+            raise UsageError(f"--finetune-lr {self.finetune_lr} must be a finite number > 0, e.g. 1e-3")
+        if not (self.bilevel_alpha >= 0.0 and math.isfinite(self.bilevel_alpha)):
+            raise UsageError(f"--bilevel-alpha {self.bilevel_alpha} must be a finite number >= 0 (0: no fairness penalty)")
+        if not 0.0 <= self.finetune_eps <= 1.0:
+            raise UsageError(f"--eps {self.finetune_eps} is outside [0, 1]; it is the tolerated excess accuracy gap, e.g. 0.02")
         if self.repair not in REPAIR_MODES:
             raise UsageError(f"unknown --repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
         if self.repair != "none" and not has_data:

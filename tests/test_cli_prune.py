@@ -179,7 +179,7 @@ def _error(args):
 
 
 def test_prune_refuses_bad_requests(tmp_path):
-    assert "overwrite the input" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", MLP])
+    assert "is the input model; refusing to overwrite" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", MLP])
     assert "outside (0, 1)" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "1.5", "-o", tmp_path / "x.onnx"])
     assert "exactly one budget" in _error(["prune", MLP, "--method", "magnitude", "-o", tmp_path / "x.onnx"])
     assert "folder" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "no" / "x.onnx"])
@@ -191,6 +191,10 @@ def test_prune_refuses_bad_requests(tmp_path):
     for bad in ("-1", "nan", "inf"):
         assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",
                                                "--damping", bad, "-o", tmp_path / "x.onnx"])
+    for option, bad, says in (("--finetune-lr", "-1", "finite number > 0"), ("--finetune-lr", "nan", "finite number > 0"),
+                              ("--bilevel-alpha", "nan", "finite number >= 0"), ("--eps", "-1", "outside [0, 1]")):
+        assert says in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5", option, bad,
+                               "-o", tmp_path / "x.onnx"])
     # a graph whose only channels reach the output: nothing prunable, declined with the reason
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], "g",
@@ -276,3 +280,39 @@ def test_timer_phases_are_exclusive_and_add_up(monkeypatch):
         pass
     assert timer.phases == {"score+select": 2.0, "step-finetune": 2.0, "rewrite": 2.0}
     assert lines[-1] == "[rewrite] done in 2.00s" and "[step-finetune] done in 2.00s" in lines
+
+
+def test_no_output_may_land_on_an_input_or_another_output(tmp_path):
+    """--report and --json are outputs as much as -o: checked against the inputs and each other before any work."""
+    model = tmp_path / "in.onnx"
+    model.write_bytes(MLP.read_bytes())
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
+    base = ["prune", model, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5", "--no-latency"]
+    out = tmp_path / "x.onnx"
+    assert "is the input model" in _error([*base, "-o", out, "--report", model])
+    assert "is the input model" in _error([*base, "-o", out, "--json", model])
+    assert "is the input --data" in _error([*base, "-o", out, "--json", CAL])
+    assert "-o and --report are the same file" in _error([*base, "-o", out, "--report", out])
+    assert "--report and --json are the same file" in _error([*base, "-o", out, "--report", tmp_path / "r.json",
+                                                              "--json", tmp_path / "r.json"])
+    assert "overwritten by its own Markdown summary" in _error([*base, "-o", out, "--report", tmp_path / "r.md"])
+    assert "use --json -" in _error([*base, "-o", out, "--report", "-"])
+    assert "does not exist" in _error([*base, "-o", out, "--json", tmp_path / "no" / "r.json"])
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # nothing written by any refused run
+
+
+def test_a_write_that_fails_is_one_line(tmp_path, monkeypatch):
+    """A folder that passes the checks but fails at write time (full disk, lost permission) still gives one line."""
+    import os
+
+    from onnxfair.errors import UsageError
+    from onnxfair.model import save_model_atomic
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", no_space)
+    with pytest.raises(UsageError, match="cannot write .*x.onnx: No space left on device"):
+        save_model_atomic(onnx.load(MLP), tmp_path / "x.onnx")
+    assert os.listdir(tmp_path) == []  # the temporary file is gone too

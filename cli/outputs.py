@@ -1,0 +1,51 @@
+"""Output paths checked before any work: nothing a command writes may land on an input or on another output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from onnxfair.errors import UsageError
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse, before anything is computed, outputs that would overwrite an input (model or data), collide with
+    each other, or go to a folder that is missing or not writable.
+
+    Both maps take an option name (as the user typed it) to a path; None is skipped, and `-` (stdout) is
+    allowed for `--json` only.
+    """
+    named: list[tuple[str, Path]] = []
+    for option, path in outputs.items():
+        if not path:
+            continue
+        if path == "-":
+            if option != "--json":
+                raise UsageError(f"{option} - is not supported; use --json - for the report on stdout")
+            continue
+        named.append((option, Path(path)))
+        if option == "--report":
+            md = Path(path).with_suffix(".md")
+            if md == Path(path):
+                raise UsageError(f"--report {path} would be overwritten by its own Markdown summary; "
+                                 "give --report a .json path (the summary goes beside it as .md)")
+            named.append(("--report's Markdown summary", md))
+    for option, target in named:
+        for name, source in inputs.items():
+            if source and _same(target, Path(source)):
+                raise UsageError(f"{option} {target} is the input {name}; refusing to overwrite it, choose another path")
+        folder = target.resolve().parent
+        if not folder.is_dir():
+            raise UsageError(f"output folder {target.parent} does not exist; create it or choose another {option} path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"output folder {target.parent} is not writable; choose another {option} path")
+    for i, (a, pa) in enumerate(named):
+        for b, pb in named[i + 1:]:
+            if _same(pa, pb):
+                raise UsageError(f"{a} and {b} are the same file {pa}; choose different paths")
