@@ -40,6 +40,7 @@ import onnx  # noqa: E402
 from bench.bench_methods import CALIB_FRACTION, FIXTURES, calib_subsample, schedule  # noqa: E402
 from onnxfair.finetune import LOSSES  # noqa: E402
 from onnxfair.data import GroupedDataset, load_dataset  # noqa: E402
+from onnxfair.head import output_activation  # noqa: E402
 from onnxfair.metrics import predictions  # noqa: E402
 from onnxfair.prune import PruneConfig, prune_model  # noqa: E402
 from onnxfair.runtime import create_session  # noqa: E402
@@ -47,7 +48,8 @@ from onnxfair.runtime import create_session  # noqa: E402
 
 def correct(model: onnx.ModelProto, ds: GroupedDataset) -> np.ndarray:
     """Per-row correctness of `model` on `ds`, through onnxruntime."""
-    return predictions(create_session(model, "cpu", None, 1).run(ds.inputs, 256)) == ds.y
+    out = create_session(model, "cpu", None, 1).run(ds.inputs, 256)
+    return predictions(out, output_activation(model) is not None) == ds.y
 
 
 def std_delta(ok: np.ndarray, dense_ok: np.ndarray, members: list[np.ndarray]) -> float:

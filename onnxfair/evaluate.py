@@ -6,6 +6,7 @@ import onnx
 
 from onnxfair.data import GroupedDataset, check_labels
 from onnxfair.errors import DataError
+from onnxfair.head import output_activation
 from onnxfair.metrics import CONVENTIONS, evaluation_block
 from onnxfair.model import classes_of
 from onnxfair.runtime import create_session, latency_inputs, measure_latency, timing_batch
@@ -25,12 +26,12 @@ def evaluate_models(
     """Evaluation blocks for several models on the same rows; latency repetitions interleaved across them."""
     sessions = [create_session(m, device, input_shapes, threads) for m in models]
     blocks = []
-    for s in sessions:
+    for m, s in zip(models, sessions):
         out = s.run(ds.inputs, batch_size)
         if out.shape[0] != len(ds):
             raise DataError(f"the model returned {out.shape[0]} rows for {len(ds)} inputs; is the batch axis first?")
         check_labels(ds.y, classes_of(out.shape) if out.dtype.kind == "f" else None)
-        block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels)
+        block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels, output_activation(m) is not None)
         block["conventions"] = CONVENTIONS
         blocks.append(block)
     if latency:

@@ -30,14 +30,14 @@ CONVENTIONS = {
 }
 
 
-def predictions(outputs: np.ndarray) -> np.ndarray:
-    """Class index per row: argmax over the non-batch dims (as the losses read logits); a single column is a
-    logit (>0) or probability (>0.5)."""
+def predictions(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """Class index per row: argmax over the non-batch dims (as the losses read logits); a single column is
+    class 1 above 0.5 when the graph ends in a Sigmoid (`probabilities`), else a logit above 0. The graph
+    decides, not the values: a logit model whose outputs all fall in [0, 1] is still read at 0."""
     out = np.asarray(outputs)
     if out.ndim == 1 or int(np.prod(out.shape[1:])) == 1:
         flat = out.reshape(out.shape[0])
-        threshold = 0.5 if (flat.min() >= 0.0 and flat.max() <= 1.0) else 0.0
-        return (flat > threshold).astype(np.int64)
+        return (flat > (0.5 if probabilities else 0.0)).astype(np.int64)
     return out.reshape(out.shape[0], -1).argmax(axis=1).astype(np.int64)
 
 
@@ -104,10 +104,10 @@ def classwise(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
 
 
 def evaluation_block(
-    outputs: np.ndarray, y_true: np.ndarray, group_ids: np.ndarray, group_labels: list[str]
+    outputs: np.ndarray, y_true: np.ndarray, group_ids: np.ndarray, group_labels: list[str], probabilities: bool = False
 ) -> dict:
     """Everything metric-related about one model on one dataset (latency is added by the caller)."""
-    y_pred = predictions(outputs)
+    y_pred = predictions(outputs, probabilities)
     n_classes = int(max(classes_of(outputs.shape) or 2, y_true.max() + 1))
     binary = n_classes == 2
     table = group_table(y_true, y_pred, group_ids, group_labels, binary)

@@ -18,10 +18,11 @@ from onnxfair.interpret.device import torch_device
 
 
 def build_module(model: onnx.ModelProto, device: str):
-    """The interpreter of `model` on the torch device matching --device."""
+    """The interpreter of `model`'s logits (`head.logit_view`) on the torch device matching --device."""
+    from onnxfair.head import logit_view
     from onnxfair.interpret import OnnxModule
 
-    return OnnxModule(model).to(torch_device(device))
+    return OnnxModule(logit_view(model)).to(torch_device(device))
 
 
 def _keep_fraction_schedule(cfg) -> list[dict[str, float]]:

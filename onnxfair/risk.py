@@ -37,6 +37,7 @@ import torch
 
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UnsupportedError, UsageError
+from onnxfair.head import logit_view
 from onnxfair.interpret.device import torch_device
 from onnxfair.interpret.module import batch_output
 from onnxfair.metrics import SMALL_GROUP
@@ -242,7 +243,7 @@ def assess_risk(
     cfg.check()
     say = progress or (lambda _m: None)
     device = torch_device(cfg.device)
-    mod = OnnxModule(model)
+    mod = OnnxModule(logit_view(model))  # the losses need logits, not a final Softmax's probabilities
     mod.to(device)
     mod.eval()
     params = dict(mod.params)

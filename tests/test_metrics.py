@@ -98,7 +98,8 @@ def test_degradation_by_hand():
 
 
 def test_predictions_single_column():
-    assert predictions(np.array([[0.2], [0.7]])).tolist() == [0, 1]
+    assert predictions(np.array([[0.2], [0.7]]), probabilities=True).tolist() == [0, 1]  # after a Sigmoid
+    assert predictions(np.array([[0.2], [0.7]])).tolist() == [1, 1]  # logits: the graph decides, not the values
     assert predictions(np.array([[-1.5], [2.0], [0.3]])).tolist() == [0, 1, 1]
 
 
