@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Callable
 
 import click
 
 from onnxfair.data import ImageOptions, load_dataset, parse_groups
+from onnxfair.errors import UsageError
 from onnxfair.model import load_model, parse_input_shapes, write_text_atomic
 
 
@@ -16,8 +18,8 @@ def data_options(f: Callable, required: bool = True) -> Callable:
     """--data, --groups, --label, --features and the image-manifest options."""
     for opt in reversed(
         [
-            click.option("--data", "data", required=required, default=None, type=click.Path(dir_okay=False), help="Labelled data: .npz, .csv, .parquet or an image manifest .csv."),
-            click.option("--groups", required=required, default=None, help="Group attribute(s), comma-separated for intersections: race or race,sex."),
+            click.option("--data", "data", required=required, type=click.Path(dir_okay=False), help="Labelled data: .npz, .csv, .parquet or an image manifest .csv."),
+            click.option("--groups", required=required, help="Group attribute(s), comma-separated for intersections: race or race,sex."),
             click.option("--label", default=None, help="Label array/column (default: y in npz, label in tables)."),
             click.option("--features", default=None, help="Feature columns in order, comma-separated (tables; default: all but label and groups)."),
             click.option("--image-size", default=None, help="Images: H,W to resize to (default: the model's input size)."),
@@ -49,26 +51,38 @@ def runtime_options(f: Callable) -> Callable:
 
 
 def _floats(text: str, name: str) -> tuple[float, ...]:
+    """Finite numbers only: a NaN mean or std would surface later as NaN inputs, far from its cause."""
     try:
-        return tuple(float(v) for v in text.split(","))
+        vals = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=name) from None
+        raise UsageError(f"{name} {text!r} is not a comma-separated list of numbers; give e.g. {name} 0.5,0.5,0.5") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise UsageError(f"{name} {text!r} has a non-finite value; give finite numbers, e.g. {name} 0.5,0.5,0.5")
+    return vals
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """Whole positive pixels: truncating 32.7 or passing 0 on to the image reader would hide the mistake."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise UsageError(f"--image-size {text!r} must be two positive whole numbers H,W; give e.g. --image-size 224,224")
+    return h, w
 
 
 def image_options(kw: dict[str, Any]) -> ImageOptions:
     """The image-manifest options (--image-size, --mean, --std, --layout) as ImageOptions."""
-    size = None
-    if kw.get("image_size"):
-        vals = _floats(kw["image_size"], "--image-size")
-        if len(vals) != 2:
-            raise click.BadParameter("give H,W", param_hint="--image-size")
-        size = (int(vals[0]), int(vals[1]))
-    return ImageOptions(size=size, mean=_floats(kw.get("mean", "0"), "--mean"), std=_floats(kw.get("std", "1"), "--std"),
-                        layout=kw.get("layout", "NCHW"))
+    size = _image_size(kw["image_size"]) if kw.get("image_size") else None
+    std = _floats(kw.get("std", "1"), "--std")
+    if any(v <= 0 for v in std):
+        raise UsageError(f"--std {kw.get('std')!r} has a value <= 0; give positive standard deviations")
+    return ImageOptions(size=size, mean=_floats(kw.get("mean", "0"), "--mean"), std=std, layout=kw.get("layout", "NCHW"))
 
 
 def load_data(path: str, model, kw: dict[str, Any]):
-    """The dataset for `model` from the parsed data options."""
+    """The dataset for `model` from the parsed data options; --features makes a table with a `path` column a table."""
     image = image_options(kw)
     features = [c.strip() for c in kw["features"].split(",")] if kw.get("features") else None
     return load_dataset(path, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features, image=image)

@@ -11,6 +11,7 @@ import onnx
 
 from onnxfair.errors import DataError, UsageError
 from onnxfair.model import InputSpec, class_count, input_specs
+from onnxfair.runtime import warn_once
 
 
 @dataclass
@@ -95,6 +96,35 @@ def _value_text(v: object) -> str:
     return str(v).strip()
 
 
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Rows whose group value is absent (NaN, None, empty or blank text), which would otherwise form a group."""
+    if values.dtype.kind == "f":
+        return np.isnan(values)
+    if values.dtype.kind in "US":
+        return np.char.strip(values) == ("" if values.dtype.kind == "U" else b"")
+    if values.dtype.kind == "O":  # only tables give object arrays, so pandas is there
+        import pandas as pd
+
+        blank = np.fromiter((isinstance(v, (str, bytes)) and not v.strip() for v in values), dtype=bool, count=len(values))
+        return np.asarray(pd.isna(values), dtype=bool) | blank
+    return np.zeros(len(values), dtype=bool)
+
+
+def _group_column(values: np.ndarray, name: str, source: str) -> np.ndarray:
+    """One value per row: a [N, 1] column is squeezed; other shapes and missing values are refused."""
+    values = np.asarray(values)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise DataError(f"group attribute {name!r} has shape {list(values.shape)}; expected one value per row "
+                        "(a 1-D array): pick the right --groups or save the attribute as a 1-D array")
+    missing = _missing(values)
+    if missing.any():
+        raise DataError(f"group attribute {name!r} is missing in {int(missing.sum())} of {len(values)} rows of {source}; "
+                        "fill them with an explicit value such as 'unknown', or drop those rows")
+    return values
+
+
 def parse_groups(groups: str | Sequence[str]) -> list[str]:
     names = [g.strip() for g in (groups.split(",") if isinstance(groups, str) else groups) if g.strip()]
     if not names:
@@ -106,15 +136,20 @@ def _labels(raw: np.ndarray, name: str) -> np.ndarray:
     raw = np.asarray(raw)
     if raw.ndim != 1:
         raise DataError(f"label {name!r} has shape {raw.shape}; expected one class index per row")
-    if raw.dtype.kind in "iub":
-        return raw.astype(np.int64)
+    if raw.dtype.kind not in "iubf":
+        raise DataError(f"label {name!r} has dtype {raw.dtype}; give integer class indices (encode strings first)")
     if raw.dtype.kind == "f":
-        if np.isnan(raw).any():
-            raise DataError(f"label {name!r} contains NaN; drop or fill those rows")
+        bad = ~np.isfinite(raw)
+        if bad.any():
+            raise DataError(f"label {name!r} has NaN or infinite values in {int(bad.sum())} rows; drop or fill those rows")
         if not np.all(raw == np.round(raw)):
             raise DataError(f"label {name!r} is not integral; onnxfair evaluates classifiers: give class indices")
-        return raw.astype(np.int64)
-    raise DataError(f"label {name!r} has dtype {raw.dtype}; give integer class indices (encode strings first)")
+    # checked before the int64 cast, which would wrap huge values into misleading ones
+    huge = (raw > 2**62) | (raw < -(2**62)) if raw.dtype.kind in "fiu" else np.zeros(raw.shape, dtype=bool)
+    if huge.any():
+        raise DataError(f"label {name!r} has values such as {raw[huge][0]:.6g} in {int(huge.sum())} rows, far outside "
+                        "any class index; fix the labels or pick the right column with --label")
+    return raw.astype(np.int64)
 
 
 def check_labels(y: np.ndarray, n_classes: int | None, name: str = "y") -> None:
@@ -177,14 +212,17 @@ def load_dataset(
         inputs, y, cols = _load_npz(p, specs, attributes, label or "y")
     elif suffix in (".csv", ".parquet", ".pq"):
         table = _read_table(p)
+        if len(table) == 0:
+            raise DataError(f"{p.name} has a header but no rows; give a file with at least one labelled row")
         path_col = (image or ImageOptions()).path_column
-        if path_col in table and (image is not None or features is None):
+        if path_col in table and features is None:  # --features names a plain table, whatever its columns
             inputs, y, cols = _load_manifest(p, table, specs, attributes, label or "label", image or ImageOptions())
         else:
             inputs, y, cols = _load_table(p, table, specs, attributes, label or "label", features)
     else:
         raise DataError(f"unsupported data format {suffix or '(no suffix)'}; use .npz, .csv, .parquet or an image manifest .csv")
     n = len(y)
+    cols = {a: _group_column(col, a, p.name) for a, col in cols.items()}
     for name, arr in inputs.items():
         if arr.shape[0] != n:
             raise DataError(f"input {name!r} has {arr.shape[0]} rows but the label has {n}; the arrays must align")
@@ -192,7 +230,7 @@ def load_dataset(
         if len(col) != n:
             raise DataError(f"group attribute {a!r} has {len(col)} rows but the label has {n}; the arrays must align")
     if n == 0:
-        raise DataError(f"{p.name} has no rows")
+        raise DataError(f"{p.name} has no rows; give a file with at least one labelled row")
     check_labels(y, class_count(model), label or ("y" if suffix == ".npz" else "label"))
     ids, labels = _encode_groups(cols, attributes)
     return GroupedDataset(inputs, y, ids, labels, list(attributes), str(p))
@@ -201,10 +239,20 @@ def load_dataset(
 def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label: str):
     try:
         z = np.load(p, allow_pickle=False)
-        arrays = {k: z[k] for k in z.files}
+        keys = list(z.files)
     except Exception as exc:
         raise DataError(f"cannot read {p.name} as npz ({type(exc).__name__}); save it with numpy.savez") from None
-    keys = list(arrays)
+    arrays = {}
+    for k in keys:
+        try:
+            arrays[k] = z[k]
+        except ValueError as exc:
+            if "allow_pickle" not in str(exc):
+                raise DataError(f"cannot read array {k!r} of {p.name} ({type(exc).__name__}); save it with numpy.savez") from None
+            raise DataError(f"array {k!r} in {p.name} holds Python objects, which onnxfair refuses to unpickle for safety; "
+                            f"save strings with a fixed-width dtype, e.g. numpy.savez(..., {k}=arr.astype(str))") from None
+        except Exception as exc:
+            raise DataError(f"cannot read array {k!r} of {p.name} ({type(exc).__name__}); save it with numpy.savez") from None
     _check_columns(keys, [label], "label array", p)
     _check_columns(keys, attributes, "group array", p)
     inputs = {}
@@ -265,8 +313,27 @@ def _load_table(p: Path, table, specs, attributes, label, features):
             f"{', ...' if len(features) > 8 else ''}), the model input {spec.name!r} takes "
             f"{int(np.prod(tail))}; name the feature columns in order with --features (a group or label column "
             "left out of --groups counts as a feature)")
+    if spec.dtype.kind in "iu":
+        x = _as_integers(table, list(features), x, spec, p)
     x = _conform(spec.name, x, spec)
     return {spec.name: x}, _labels(table[label].to_numpy(), label), {a: table[a].to_numpy() for a in attributes}
+
+
+def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: Path) -> np.ndarray:
+    """Integer model inputs (token ids) take whole-number features; anything else would be silently rounded."""
+    if all(table[c].dtype.kind in "iub" for c in features):  # exact, no float64 round trip
+        x = table[features].to_numpy(dtype=np.int64).reshape(x.shape)
+    elif not np.all(x == np.round(x)):
+        rows = int((x != np.round(x)).reshape(x.shape[0], -1).any(axis=1).sum())
+        raise DataError(f"the model input {spec.name!r} is {spec.dtype} but the feature columns of {p.name} hold "
+                        f"non-integral values in {rows} rows; give whole numbers (e.g. token ids)")
+    info = np.iinfo(spec.dtype)
+    out = (x < info.min) | (x > info.max)
+    if out.any():
+        rows = int(out.reshape(x.shape[0], -1).any(axis=1).sum())
+        raise DataError(f"the feature columns of {p.name} hold values outside {spec.dtype} ({info.min}..{info.max}) "
+                        f"in {rows} rows, which the model input {spec.name!r} cannot take; fix those values")
+    return x.astype(spec.dtype)
 
 
 def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions):
@@ -281,7 +348,8 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     if opts.layout not in ("NCHW", "NHWC"):
         raise UsageError(f"--layout {opts.layout!r} is not supported; use NCHW or NHWC")
     if len(spec.shape) != 4:
-        raise DataError(f"an image manifest needs a 4-D model input; {spec.name!r} has shape {list(spec.shape)}")
+        raise DataError(f"an image manifest needs a 4-D model input; {spec.name!r} has shape {list(spec.shape)} "
+                        f"({p.name} was read as a manifest for its {opts.path_column!r} column: pass --features to read it as a table)")
     c_axis, h_axis, w_axis = (1, 2, 3) if opts.layout == "NCHW" else (3, 1, 2)
     channels = spec.shape[c_axis]
     size = opts.size
@@ -292,12 +360,30 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
         size = (h, w)
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels if isinstance(channels, int) else 3)
     if mode is None:
-        raise DataError(f"model input {spec.name!r} has {channels} channels; images need 1, 3 or 4")
-    images = []
-    for rel in table[opts.path_column].astype(str):
+        raise DataError(f"model input {spec.name!r} {list(spec.shape)} has {channels} channels under --layout "
+                        f"{opts.layout}; images need 1, 3 or 4: check --layout (NCHW puts channels second, NHWC last)")
+    for opt, values in (("--mean", opts.mean), ("--std", opts.std)):
+        if len(values) not in (1, len(mode)):
+            raise UsageError(f"{opt} has {len(values)} values but the model's images have {len(mode)} channels; "
+                             f"give one value or {len(mode)}")
+    mean = np.asarray(opts.mean, dtype=np.float32)
+    std = np.asarray(opts.std, dtype=np.float32)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise UsageError("--mean and --std need finite numbers and --std positive ones; fix those values")
+    paths = table[opts.path_column]
+    empty = _missing(paths.to_numpy(dtype=object))
+    if empty.any():
+        rows = ", ".join(str(i + 1) for i in np.flatnonzero(empty)[:5]) + (", ..." if empty.sum() > 5 else "")
+        raise DataError(f"{p.name} has an empty {opts.path_column!r} cell in {int(empty.sum())} rows (data rows {rows}, "
+                        "counting from 1); fill in the image paths or drop those rows")
+    images, converted, resized = [], {}, 0
+    for rel in paths.astype(str):
         f = (p.parent / rel) if not Path(rel).is_absolute() else Path(rel)
         try:
             with Image.open(f) as im:
+                if im.mode != mode:
+                    converted[im.mode] = converted.get(im.mode, 0) + 1
+                resized += im.size != (size[1], size[0])
                 im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except FileNotFoundError:
@@ -305,11 +391,14 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
         except Exception as exc:
             raise DataError(f"cannot read image {rel} ({type(exc).__name__})") from None
         images.append(arr.reshape(size[0], size[1], -1))
+    notes = []
+    if converted:
+        notes.append(f"converted {sum(converted.values())} to {mode} (from {', '.join(sorted(converted))})")
+    if resized and opts.size is None:  # an explicit --image-size asked for the resize
+        notes.append(f"resized {resized} to {size[0]}x{size[1]} (H x W, the model's input; set it with --image-size)")
+    if notes:
+        warn_once(f"{p.name}: of {len(images)} images, {' and '.join(notes)}")
     x = np.stack(images)  # N, H, W, C
-    mean = np.asarray(opts.mean, dtype=np.float32)
-    std = np.asarray(opts.std, dtype=np.float32)
-    if np.any(std == 0):
-        raise UsageError("--std has a zero; give positive standard deviations")
     x = (x - mean) / std
     if opts.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
