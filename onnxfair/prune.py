@@ -216,6 +216,9 @@ def _split_eval(calib: GroupedDataset | None, eval_ds: GroupedDataset | None, cf
     if calib is None or eval_ds is not None:
         return calib, eval_ds, ("eval-data" if eval_ds is not None else None)
     fit, held = calib.split(cfg.eval_split, seed=cfg.seed)
+    if len(held) == 0:
+        raise UsageError(f"--data has {len(calib)} row{'s' * (len(calib) != 1)} and no group with 2, so none can be held out for the "
+                         "before/after evaluation; pass --eval-data or more rows")
     return fit, held, f"held-out {cfg.eval_split:.0%} of --data (seed {cfg.seed}, stratified by group)"
 
 

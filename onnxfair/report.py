@@ -63,7 +63,7 @@ def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: st
         delta = deg["groups"].get(label)
         lines.append(
             f"{label:<{w}}{g['n']:>7}{_pct(g['accuracy']):>10}{_pct(gb.get('accuracy')):>10}"
-            f"{'-' if delta is None else f'{100 * delta:+.2f}':>9}"
+            f"{'-' if delta is None else f'{100 * delta:+.2f}':>9}{'  (small group)' if g.get('small') else ''}"
         )
     lines.append(
         f"{'overall':<{w}}{a['overall']['n']:>7}{_pct(a['overall']['accuracy']):>10}"

@@ -195,6 +195,10 @@ def test_prune_refuses_bad_requests(tmp_path):
                               ("--bilevel-alpha", "nan", "finite number >= 0"), ("--eps", "-1", "outside [0, 1]")):
         assert says in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5", option, bad,
                                "-o", tmp_path / "x.onnx"])
+    z = np.load(CAL)
+    np.savez(tmp_path / "one.npz", x=z["x"][:3], y=z["y"][:3], race=np.array(["a", "b", "c"]))
+    assert "pass --eval-data" in _error(["prune", MLP, "--data", tmp_path / "one.npz", "--groups", "race",
+                                         "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
     # a graph whose only channels reach the output: nothing prunable, declined with the reason
     g = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], "g",

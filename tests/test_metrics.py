@@ -110,3 +110,18 @@ def test_a_conv_head_output_is_read_like_its_flattened_logits():
     assert predictions(np.array([[[[-0.3]]], [[[0.4]]]])).tolist() == [0, 1]
     block = evaluation_block(flat[:, :, None, None], np.array([1, 0, 2]), np.zeros(3, np.int64), ["g=a"])
     assert block["overall"]["accuracy"] == pytest.approx(2 / 3) and not block["binary"]
+
+
+def test_small_groups_are_flagged_in_every_table():
+    """Groups under SMALL_GROUP rows: the evaluation and the dense/pruned comparison both say so."""
+    from onnxfair.metrics import SMALL_GROUP, degradation
+    from onnxfair.report import format_comparison, format_evaluation
+
+    rng = np.random.default_rng(0)
+    ids = np.array([0] * 50 + [1] * (SMALL_GROUP - 1))
+    y = rng.integers(0, 2, ids.size)
+    dense = evaluation_block(_one_hot_logits(y, 2, rng), y, ids, ["g=big", "g=small"])
+    pruned = evaluation_block(_one_hot_logits(1 - y, 2, rng), y, ids, ["g=big", "g=small"])
+    for text in (format_evaluation(dense), format_comparison(dense, pruned, degradation(dense, pruned))):
+        rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("g=")}
+        assert rows["g=small"].endswith("(small group)") and "small" not in rows["g=big"]
