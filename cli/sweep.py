@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -91,8 +92,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     try:
         result = run_sweep(plan, m, calib, eval_ds, progress, disparity, max_disparity, max_macs_ratio, disparity_weight)
     except KeyboardInterrupt:
-        progress(f"finished runs are kept in {Path(out) / 'runs'}; run the same command again to resume")
-        raise
+        progress(f"interrupted; finished runs are kept in {Path(out) / 'runs'}: run the same command again to resume")
+        sys.exit(130)
     summary = sweep_summary(plan, result, disparity, max_disparity, max_macs_ratio, disparity_weight)
     csv_path, json_path = write_results(out, summary)
     images: dict[str, bytes] = {}
