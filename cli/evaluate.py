@@ -6,8 +6,10 @@ import click
 
 from cli.outputs import check_outputs
 from cli.options import data_options, emit_json, load_data, load_model, parse_input_shapes, progress, runtime_options
+from onnxfair.errors import UsageError
 from onnxfair.evaluate import evaluate_models
 from onnxfair.metrics import degradation
+from onnxfair.model import input_specs
 from onnxfair.report import format_comparison, format_evaluation
 
 
@@ -45,6 +47,7 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     """MODEL_A (dense) and MODEL_B (pruned) side by side, with the degradation of B relative to A."""
     check_outputs({"MODEL_A": model_a, "MODEL_B": model_b, "--data": data}, {"--json": json_out})
     a, b = load_model(model_a), load_model(model_b)
+    _same_inputs(a, b)
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, a, kw)
     progress(f"comparing {model_a} and {model_b} on {len(ds)} rows")
@@ -54,6 +57,23 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     if json_out != "-":
         click.echo(format_comparison(ea, eb, deg, "A", "B"))
     emit_json({"a": {"model": model_a, **ea}, "b": {"model": model_b, **eb}, "degradation": deg}, json_out)
+
+
+def _same_inputs(a, b) -> None:
+    """The data is read for MODEL_A; MODEL_B must take the same inputs (fixed dims equal, symbolic ones free)."""
+    def fits(x, y) -> bool:
+        return len(x.shape) == len(y.shape) and all(
+            not isinstance(i, int) or not isinstance(j, int) or i == j for i, j in zip(x.shape, y.shape))
+
+    sa, sb = input_specs(a), {s.name: s for s in input_specs(b)}
+    for spec in sa:
+        other = sb.get(spec.name)
+        if other is None or other.dtype != spec.dtype or not fits(spec, other):
+            found = "no such input" if other is None else f"{other.dtype} {list(other.shape)}"
+            raise UsageError(f"MODEL_B does not take MODEL_A's input {spec.name!r} ({spec.dtype} {list(spec.shape)}; "
+                             f"B has {found}); compare a model with its own pruned version")
+    if len(sb) != len(sa):
+        raise UsageError(f"MODEL_B has {len(sb)} inputs, MODEL_A {len(sa)}; compare a model with its own pruned version")
 
 
 COMMANDS = [evaluate, compare]

@@ -11,11 +11,15 @@ from onnxfair.errors import OnnxfairError
 
 
 class _Group(click.Group):
-    """Turns every OnnxfairError into one line on stderr and exit code 2 (no traceback)."""
+    """Turns every OnnxfairError, and click's own usage errors, into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "onnxfair"
+            click.echo(f"error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
         except OnnxfairError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)

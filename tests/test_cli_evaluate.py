@@ -169,6 +169,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_linear, tmp_path):
     assert "'age' not found" in msg and "race, sex" in msg
     np.savez(tmp_path / "nan.npz", x=np.full((3, 4), np.nan, np.float32), y=np.zeros(3, int), race=np.array(list("abc")))
     assert "NaN" in _one_line_error(["evaluate", tiny_linear["path"], "--data", tmp_path / "nan.npz", "--groups", "race"])
+    wider = linear_model(np.ones((3, 5)), tiny_linear["b"])
+    onnx.save(wider, tmp_path / "wider.onnx")
+    msg = _one_line_error(["compare", tiny_linear["path"], tmp_path / "wider.onnx", "--data", tiny_linear["data"], "--groups", "race"])
+    assert "MODEL_B does not take MODEL_A's input" in msg
+    assert "Missing option '--groups'" in _one_line_error(["evaluate", tiny_linear["path"], "--data", tiny_linear["data"]])
+    assert "'onnxfair prune --help'" in _one_line_error(["prune", tiny_linear["path"], "--sparsity", "x", "-o", tmp_path / "o.onnx"])
 
 
 @pytest.mark.parametrize(
