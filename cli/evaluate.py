@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.outputs import check_outputs
 from cli.options import data_options, emit_json, load_data, load_model, parse_input_shapes, progress, runtime_options
+from cli.outputs import check_outputs
 from onnxfair.errors import UsageError
 from onnxfair.evaluate import evaluate_models
 from onnxfair.metrics import degradation

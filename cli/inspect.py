@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.outputs import check_outputs
 from cli.options import emit_json, load_model, parse_input_shapes
+from cli.outputs import check_outputs
 from onnxfair.inspect import inspect_model
 
 

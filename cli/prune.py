@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from cli.outputs import check_outputs
 from cli.options import data_options_optional, emit_json, load_data, load_model, parse_input_shapes, progress
+from cli.outputs import check_outputs
 from onnxfair.errors import UsageError
 from onnxfair.model import save_model_atomic, write_text_atomic
 from onnxfair.prune import METHODS, PruneConfig, prune_model

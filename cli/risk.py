@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.outputs import check_outputs
 from cli.options import data_options, emit_json, load_data, load_model, parse_input_shapes, progress
+from cli.outputs import check_outputs
 from onnxfair.risk import RiskConfig, format_risk, risk_report
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from cli.outputs import check_outputs
 from cli.options import data_options_optional, image_options, emit_json, load_data, load_model, parse_input_shapes, progress
+from cli.outputs import check_outputs
 from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
 from onnxfair.prune import PruneConfig

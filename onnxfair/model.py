@@ -6,8 +6,8 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
