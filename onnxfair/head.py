@@ -35,29 +35,34 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def output_activation(model: onnx.ModelProto) -> str | None:
-    """'Softmax' or 'Sigmoid' when the first output holds probabilities, None when it holds logits."""
+def _probability_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The final Softmax/Sigmoid when it turns class logits into probabilities; a Softmax over another axis is
+    refused (its outputs are no class scores)."""
     node = _final_activation(model)
-    if node is None:
-        return None
-    if node.op_type == "Softmax":
+    if node is not None and node.op_type == "Softmax":
         default = -1 if _opset(model) >= 13 else 1
         axis = next((a.i for a in node.attribute if a.name == "axis"), default)
         rank = len(model.graph.output[0].type.tensor_type.shape.dim) or None
-        class_axis = axis == 1 or (axis == -1 and rank in (None, 2))
-        if not class_axis:
+        if not (axis == 1 or (axis == -1 and rank in (None, 2))):
             raise UnsupportedError(
                 f"the model's output is a Softmax over axis {axis}, not the class axis of [batch, classes]; "
                 "export the model without its final Softmax (logits)")
-    return node.op_type
+    return node
+
+
+def output_activation(model: onnx.ModelProto) -> str | None:
+    """'Softmax' or 'Sigmoid' when the first output holds probabilities, None when it holds logits."""
+    node = _probability_head(model)
+    return None if node is None else node.op_type
 
 
 def logit_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` itself when its first output is logits; else a copy whose first output is the input of the
     final Softmax/Sigmoid (same initializers, so `OnnxModule.to_onnx(model)` writes back into the original)."""
-    if output_activation(model) is None:
+    node = _probability_head(model)
+    if node is None:
         return model
-    logits = _final_activation(model).input[0]
+    logits = node.input[0]
     view = onnx.ModelProto()
     view.CopyFrom(model)
     first = helper.make_tensor_value_info(logits, model.graph.output[0].type.tensor_type.elem_type, None)
