@@ -42,9 +42,10 @@ from onnxfair.report import format_prune
               help="After selection (each step's, with --iterations), rescale each pruned layer's output channels to the dense "
                    "model's mean and std on --data (no gradients; for BatchNorm-folded CNNs). balanced: every group weighs "
                    "the same in those statistics.")
-@click.option("--finetune-loss", default="ce", show_default=True, type=click.Choice(["ce", "pw", "balanced", "equalized", "ceag"]),
+@click.option("--finetune-loss", default="ce", show_default=True, type=click.Choice(["ce", "pw", "balanced", "distill", "equalized", "ceag"]),
               help="ce; pw (performance-weighted, soft targets); balanced (every group's mean loss weighs the same; "
-                   "keeps the epoch with the best mean group accuracy); equalized (equal group losses) or ceag "
+                   "keeps the epoch with the best mean group accuracy); distill (match the dense model's outputs, "
+                   "every group weighing the same; early stopping as balanced); equalized (equal group losses) or ceag "
                    "(excess accuracy gap <= --eps), both by dual ascent.")
 @click.option("--finetune-lr", default=1e-3, show_default=True, type=float)
 @click.option("--eps", "finetune_eps", default=0.02, show_default=True, type=float, help="ceag: tolerated excess accuracy gap ε.")

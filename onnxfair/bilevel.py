@@ -70,6 +70,7 @@ import torch
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import DataError, UsageError
 from onnxfair.finetune import (
+    DENSE_REFERENCE_LOSSES,
     LOSSES,
     FinetuneResult,
     batch_losses,
@@ -295,7 +296,7 @@ def bilevel_prune(
 
     # dense references, taken before any mask or weight change
     mod.set_masks(None)
-    if dense_probs is None and (loss == "pw" or (finetune_epochs > 0 and finetune_loss in ("pw", "ceag"))):
+    if dense_probs is None and (loss == "pw" or (finetune_epochs > 0 and finetune_loss in DENSE_REFERENCE_LOSSES)):
         dense_probs = predict_probs(mod, train)
     dense_val_probs = None
     if finetune_epochs > 0 and finetune_loss == "ceag" and val is not None and len(val):

@@ -7,6 +7,13 @@ Losses
   groups present in the batch of each group's mean cross-entropy, so every group weighs the same however
   few rows it has. No multipliers, so nothing to tune and nothing to oscillate; a minority's rows are seen
   as often as before, each with more weight (with a small minority, watch for it being over-fit).
+- ``distill`` (knowledge distillation from the dense model, Hinton et al. 2015, with the group weighting of
+  ``balanced``): the per-row loss is KL(p_dense ‖ p_pruned) over the classes at temperature 1, and the
+  objective is the mean over the groups in the batch of each group's mean KL. The degradation the report
+  measures is relative to the dense model, so the dense model's outputs are the target: a row carries C
+  numbers instead of one label (more signal from a small minority), and the dense model's own mistakes are
+  not degradation, so they are not trained away either. Labels are not used by the loss, only by early
+  stopping, which keeps the epoch with the best mean group accuracy, as ``balanced`` does.
 - ``equalized`` (Tran et al., NeurIPS 2022): minimise J subject to J_g − J = 0 for every group g, where J is
   the mean loss over the batch and J_g the mean loss over the batch rows of group g. Lagrangian with
   non-negative multipliers on the absolute constraint violation:
@@ -42,7 +49,7 @@ Optimiser: Adam (default) or SGD with momentum 0.9, no weight decay (decay would
 through the mask, but it also shrinks kept weights the pruning criterion already judged).
 
 Early stopping: the state after each epoch (and the starting state, epoch 0) is scored on ``val``; the best
-is restored at the end. ce/pw: highest val accuracy. balanced: highest mean of the val group accuracies
+is restored at the end. ce/pw: highest val accuracy. balanced/distill: highest mean of the val group accuracies
 (the objective's own weighting). equalized/ceag: "accuracy subject to the constraint":
 an epoch is feasible when its val violation is within tolerance ``eps`` (equalized: max_g |J_g − J| of the
 cross-entropy on val ≤ eps, in nats, default 0.05; ceag: max_g ψ_g on val ≤ ε, in accuracy, default 0.02);
@@ -64,7 +71,8 @@ import torch.nn.functional as F
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import DataError, UsageError
 
-LOSSES = ("ce", "pw", "balanced", "equalized", "ceag")
+LOSSES = ("ce", "pw", "balanced", "distill", "equalized", "ceag")
+DENSE_REFERENCE_LOSSES = ("pw", "distill", "ceag")  # need the dense model's probabilities on the training rows
 DEFAULT_CEAG_EPS = 0.02  # accuracy units: ψ_g ≤ 2 points
 DEFAULT_EQUALIZED_EPS = 0.05  # loss units (nats): max_g |J_g − J| ≤ 0.05 on val counts as equal
 
@@ -153,7 +161,8 @@ def group_means(values: torch.Tensor, group_ids: torch.Tensor, n_groups: int) ->
 
 def batch_losses(mod, ds: GroupedDataset, idx: np.ndarray, device, loss: str = "ce", dense_probs=None,
                  beta: float = 0.75, gamma: float = 5.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss (pw when asked, else ce), logits and group ids of rows `idx`: the step every trainer shares."""
+    """Per-row loss (pw or distill when asked, else ce), logits and group ids of rows `idx`: the step every
+    trainer shares."""
     from onnxfair.losses import loss_fn
 
     inputs = to_tensors({k: v[idx] for k, v in ds.inputs.items()}, device)
@@ -163,7 +172,17 @@ def batch_losses(mod, ds: GroupedDataset, idx: np.ndarray, device, loss: str = "
     if loss == "pw":
         dp = torch.from_numpy(np.asarray(dense_probs)[idx]).to(device)
         return loss_fn(logits, y, dense_probs=dp, kind="pw", beta=beta, gamma=gamma, reduction="none"), logits, g
+    if loss == "distill":
+        dp = torch.from_numpy(np.asarray(dense_probs)[idx]).to(device=device, dtype=logits.dtype)
+        return distill_loss(logits, dp), logits, g
     return loss_fn(logits, y, kind="ce", reduction="none"), logits, g
+
+
+def distill_loss(logits: torch.Tensor, dense_probs: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(dense_probs ‖ softmax(logits)) in nats (0 where the two distributions agree)."""
+    if dense_probs.shape != logits.shape:
+        raise UsageError(f"dense_probs has shape {tuple(dense_probs.shape)}, the logits {tuple(logits.shape)}")
+    return F.kl_div(F.log_softmax(logits, dim=1), dense_probs, reduction="none").sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------ ceag replay buffer
@@ -377,7 +396,7 @@ def finetune(
     mask_t = prepare_masks(mod, masks)
 
     # dense references, computed before the masks take effect
-    need_dense_train = loss in ("pw", "ceag") and dense_probs is None
+    need_dense_train = loss in DENSE_REFERENCE_LOSSES and dense_probs is None
     need_dense_val = loss == "ceag" and dense_val_probs is None
     if need_dense_train or need_dense_val:
         if masks is not None:
@@ -444,7 +463,7 @@ def finetune(
     def record(epoch: int, train_loss: float | None) -> tuple:
         stats = validation_stats(mod, val, n_groups, max(batch_size, 256))
         v = violation(stats)
-        feasible = loss in ("ce", "pw", "balanced") or v <= result.tolerance + 1e-12
+        feasible = loss not in ("equalized", "ceag") or v <= result.tolerance + 1e-12
         rec = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -456,13 +475,14 @@ def finetune(
             multipliers={lab: float(x) for lab, x in zip(labels, lam)} if loss in ("equalized", "ceag") else None,
         )
         result.history.append(rec)
-        score = float(np.nanmean(stats.group_accuracy)) if loss == "balanced" else stats.accuracy
+        group_balanced = loss in ("balanced", "distill")
+        score = float(np.nanmean(stats.group_accuracy)) if group_balanced else stats.accuracy
         key = (1, score) if feasible else (0, -v)
         say(
             f"fine-tune epoch {epoch}: "
             + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
             + f"val accuracy {stats.accuracy:.4f}"
-            + (f", mean group accuracy {score:.4f}" if loss == "balanced" else "")
+            + (f", mean group accuracy {score:.4f}" if group_balanced else "")
             + (f", violation {v:.4f}" if loss in ("equalized", "ceag") else "")
         )
         return key
@@ -481,7 +501,7 @@ def finetune(
                 per_row, logits, g = batch_losses(mod, train, idx, device, loss, dense_probs, beta, gamma)
                 j = per_row.mean()
                 objective = j
-                if loss == "balanced":
+                if loss in ("balanced", "distill"):
                     jg, counts = group_means(per_row, g, n_groups)
                     objective = jg[counts > 0].mean()
                 elif loss in ("equalized", "ceag"):

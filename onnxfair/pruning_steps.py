@@ -173,12 +173,12 @@ def finetune_masked(
 ) -> dict:
     """Fine-tune `mod` in place under `masks` for `epochs` (--finetune-loss; early stopping on a fifth of
     --data) and leave the masks set; returns the run's record for the report."""
-    from onnxfair.finetune import finetune, predict_probs
+    from onnxfair.finetune import DENSE_REFERENCE_LOSSES, finetune, predict_probs
 
     train, val = fit.split(0.2, seed=cfg.seed)
     device = str(torch_device(cfg.device))
     reference = {}
-    if cfg.finetune_loss in ("pw", "ceag"):
+    if cfg.finetune_loss in DENSE_REFERENCE_LOSSES:
         # the dense model's predictions, from the untouched graph: `mod` may hold bi-level-trained weights
         dense_mod = build_module(dense, cfg.device)
         reference = {"dense_probs": predict_probs(dense_mod, train), "dense_val_probs": predict_probs(dense_mod, val)}

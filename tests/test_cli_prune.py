@@ -128,11 +128,13 @@ def test_the_cli_offers_every_finetune_loss_there_is():
     assert tuple(opt.type.choices) == LOSSES
 
 
-def test_balanced_finetune_keeps_the_epoch_with_the_best_mean_group_accuracy(tmp_path):
-    _, rep = _prune(tmp_path, "bal", "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "2",
-                    "--finetune-loss", "balanced")
+@pytest.mark.parametrize("loss", ["balanced", "distill"])
+def test_group_balanced_finetune_keeps_the_epoch_with_the_best_mean_group_accuracy(tmp_path, loss):
+    _, rep = _prune(tmp_path, loss, "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "2",
+                    "--finetune-loss", loss)
     ft = rep["structure"]["finetune"]
-    assert rep["method"]["finetune_loss"] == ft["loss"] == "balanced"
+    assert rep["method"]["finetune_loss"] == ft["loss"] == loss
+    assert ft["history"][1]["train_loss"] > 0
     means = [np.mean(list(h["val_group_accuracy"].values())) for h in ft["history"]]
     assert ft["best_epoch"] == int(np.argmax(means))
 

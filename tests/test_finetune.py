@@ -10,9 +10,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfair.data import GroupedDataset
+from onnxfair.errors import UsageError
 from onnxfair.finetune import (
     GroupReplayBuffer,
     ceag_dual_step,
+    distill_loss,
     equalized_dual_step,
     excess_gaps,
     finetune,
@@ -271,6 +273,98 @@ def test_balanced_loss_lifts_the_minority_and_keeps_the_best_mean_group_accuracy
     means = [np.mean(list(r.val_group_accuracy.values())) for r in hist]
     assert results["balanced"].best_epoch == int(np.argmax(means))
     assert np.mean(accs["balanced"]) == pytest.approx(max(means))
+
+
+def test_distill_loss_is_the_kl_from_the_dense_distribution():
+    """Against torch.distributions' own KL between categoricals; zero where the logits are the dense log-probs."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    dense = torch.softmax(3 * torch.randn(7, 5, generator=gen, dtype=torch.float64), dim=1)
+    dense[0] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # a confident row: 0·log 0 = 0
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=dense),
+                                             torch.distributions.Categorical(logits=logits))
+    torch.testing.assert_close(distill_loss(logits, dense), want)
+    assert distill_loss(torch.log(dense[1:]), dense[1:]).abs().max() < 1e-12
+    with pytest.raises(UsageError, match="shape"):
+        distill_loss(logits, dense[:, :4])
+
+
+def test_distill_follows_the_group_balanced_kl_written_by_hand():
+    """Full batches, SGD with momentum 0.9: each step must equal one by hand on ½(mean KL over the majority's rows + mean KL over
+    the minority's) between the dense teacher's softmax and the masked student's."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(80, 4))
+    g = np.r_[np.zeros(64), np.ones(16)].astype(np.int64)
+    y = ((x[:, 0] + x[:, 1] * x[:, 2]) > 0).astype(np.int64)
+    train = dataset(x, y, g)
+    model = trained_mlp(train, hidden=8, steps=150)
+    mask = magnitude_mask(inits(model)["W1"], 0.3)
+    mod = module(model)
+    res = finetune(mod, train, train, masks={"W1": mask}, epochs=3, loss="distill", lr=0.5, batch_size=1000, seed=0,
+                   optimizer="sgd", patience=None)
+    assert res.best_epoch >= 1  # training helped the mean group accuracy: the weights after best_epoch steps are kept
+
+    p = {k: torch.from_numpy(v.copy()).double() for k, v in inits(model).items()}
+    xt = torch.from_numpy(x).double()
+
+    def forward(q):
+        return torch.relu(xt @ q["W1"].T + q["B1"]) @ q["W2"].T + q["B2"]
+
+    with torch.no_grad():
+        teacher = torch.softmax(forward(p), dim=1)
+    m = torch.from_numpy(mask).double()
+    p["W1"] = p["W1"] * m
+    velocity = {}
+    for _ in range(res.best_epoch):
+        q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        logq = torch.log_softmax(forward(q), dim=1)
+        kl = (teacher * (torch.log(teacher) - logq)).sum(1)
+        loss = 0.5 * (kl[:64].mean() + kl[64:].mean())
+        grads = dict(zip(q, torch.autograd.grad(loss, list(q.values()))))
+        grads["W1"] = grads["W1"] * m
+        velocity = {k: 0.9 * velocity[k] + grads[k] for k in p} if velocity else grads  # torch's SGD momentum
+        p = {k: (v - 0.5 * velocity[k]).detach() for k, v in p.items()}
+    for k in p:
+        torch.testing.assert_close(mod.params[k].detach().double(), p[k], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(p["W2"], torch.from_numpy(inits(model)["W2"].copy()).double())
+
+
+def test_distill_is_still_on_the_unmasked_dense_model():
+    """The dense model is its own teacher: KL 0, zero gradient, so SGD leaves every weight where it was."""
+    model, train, val, _ = learnable_data_model()
+    mod = module(model)
+    res = finetune(mod, train, val, masks=None, epochs=2, loss="distill", lr=0.5, batch_size=64, seed=0,
+                   optimizer="sgd", patience=None)
+    assert res.history[1].train_loss < 1e-6
+    for k, v in inits(model).items():
+        np.testing.assert_allclose(mod.params[k].detach().numpy(), v, atol=1e-5)
+
+
+def learnable_data_model():
+    train, val = learnable_data(300, 1), learnable_data(100, 2)
+    return trained_mlp(train, hidden=8, steps=100), train, val, None
+
+
+def test_distill_brings_both_groups_back_towards_the_dense_predictions(learnable):
+    model, train, val, masks = learnable
+
+    def agreement(mod):
+        dense_pred = accuracy_pred(module(model), val)
+        pred = accuracy_pred(mod, val)
+        return np.array([(pred == dense_pred)[val.group_ids == k].mean() for k in range(2)])
+
+    mod = module(model)
+    mod.set_masks({"W1": torch.from_numpy(masks["W1"])})
+    before = agreement(mod)
+    finetune(mod, train, val, masks=masks, epochs=4, loss="distill", lr=1e-2, batch_size=64, seed=0)
+    after = agreement(mod)
+    assert before.max() < 0.95
+    assert np.all(after > before + 0.02), (before, after)
+
+
+def accuracy_pred(mod, ds: GroupedDataset) -> np.ndarray:
+    with torch.no_grad():
+        return logits_of(mod, to_tensors(ds.inputs, torch.device("cpu"))).argmax(1).numpy()
 
 
 def test_equalized_dual_step_by_hand():
