@@ -14,9 +14,19 @@ def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _is_onnxfair_markdown(path: Path) -> bool:
+    """True when `path` starts like a summary onnxfair wrote (`# onnxfair ...`), so rewriting it loses nothing."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(11) == b"# onnxfair "
+    except OSError:
+        return False
+
+
 def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
     """Refuse, before anything is computed, outputs that would overwrite an input (model or data), collide with
-    each other, or go to a folder that is missing or not writable.
+    each other, name a folder, or go to a folder that is missing or not writable. The Markdown twin of
+    `--report` is named by no option, so an existing file there is replaced only when onnxfair wrote it.
 
     Both maps take an option name (as the user typed it) to a path; None is skipped, and `-` (stdout) is
     allowed for `--json` only.
@@ -36,10 +46,15 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
                 raise UsageError(f"--report {path} would be overwritten by its own Markdown summary; "
                                  "give --report a .json path (the summary goes beside it as .md)")
             named.append(("--report's Markdown summary", md))
+            if md.is_file() and not _is_onnxfair_markdown(md):
+                raise UsageError(f"--report {path} would replace {md}, which is not an onnxfair report; "
+                                 "move that file or choose another --report path")
     for option, target in named:
         for name, source in inputs.items():
             if source and _same(target, Path(source)):
                 raise UsageError(f"{option} {target} is the input {name}; refusing to overwrite it, choose another path")
+        if target.is_dir():
+            raise UsageError(f"{option} {target} is a folder; give a file path")
         folder = target.resolve().parent
         if not folder.is_dir():
             raise UsageError(f"output folder {target.parent} does not exist; create it or choose another {option} path")

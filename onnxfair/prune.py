@@ -329,7 +329,7 @@ def prune_model(
         if not cfg.structured:
             nonzero = cp.params - structure["weights"]["zeroed"]
             cost["params_nonzero_pruned"] = int(nonzero)
-        if cfg.target_macs is not None and cost["macs_ratio"] < cfg.target_macs - 0.05:
+        if cfg.target_macs is not None and cost["macs_ratio"] < 0.9 * cfg.target_macs:  # 10 % under the budget
             fix = ("a smaller --round-to fits more closely" if cfg.round_to > 1
                    else "--scope layer takes the same fraction from every group, which fits differently")
             progress(f"warning: {cost['macs_ratio']:.3f} of the MACs kept, not {cfg.target_macs} (--target-macs): "

@@ -446,7 +446,8 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
         return counts, measured_at[key]
 
     limit = goal - fixed
-    floor = float(sum(c * gr.min_keep for c, gr in zip(cost, gs)))
+    fewest = [int(gr.allowed()[0]) for gr in gs]  # the fewest channels each group may keep, rounding included
+    floor = float(sum(c * k for c, k in zip(cost, fewest)))
     overshot = None  # the last limit whose selection kept more MACs than the goal
     # the smallest change a selection can make: one rounding block of the cheapest group
     block = min(float(c) * gr.round_to for c, gr in zip(cost, gs))
@@ -459,7 +460,7 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
         limit -= max(measured - goal, block * 2**attempt)
         if limit < floor:
             limit = floor
-            counts = [gr.min_keep for gr in gs]
+            counts = fewest
             measured = real(counts)
             break
     if overshot is None and macs_fn is not None and goal - measured > block:
@@ -498,4 +499,5 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
 def _check_met(macs: float, goal: float, total: float, target: float) -> None:
     if macs > goal * (1 + 1e-9) + 1e-9:
         raise UsageError(f"--target-macs {target} cannot be met: keeping the fewest channels allowed still leaves "
-                         f"{macs / total:.3f} of the MACs (frozen layers and round_to set the floor); raise the target")
+                         f"{macs / total:.3f} of the MACs (frozen layers and --round-to set the floor); raise the target "
+                         "or lower --round-to")

@@ -245,6 +245,26 @@ def test_global_target_macs_is_met_closely(target):
     assert target - 0.03 < ratio <= target
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope):
+    """Keeping one block of 8 in each 64-channel layer leaves 944 of 11,136 MACs (0.085): a smaller target
+    cannot be met with --round-to 8 and is refused; targets above it keep whole blocks, under the budget."""
+    from onnxfair.model import load_model
+    from onnxfair.prune import PruneConfig, prune_model
+
+    model = load_model(MLP)
+    for target in (0.086, 0.1, 0.2):
+        res = prune_model(model, None, None, PruneConfig(method="magnitude", target_macs=target, scope=scope, latency=False))
+        kept = [g["kept"] for g in res.report["structure"]["groups"]]
+        assert all(k % 8 == 0 and k >= 8 for k in kept), (target, kept)
+        assert res.report["cost"]["macs_ratio"] <= target
+    msg = _error(["prune", MLP, "--method", "magnitude", "--target-macs", "0.05", "--scope", scope, "-o", "x.onnx"])
+    assert "still leaves 0.085 of the MACs" in msg and "lower --round-to" in msg
+    res = prune_model(model, None, None, PruneConfig(method="magnitude", target_macs=0.05, scope=scope, round_to=1,
+                                                     latency=False))
+    assert 0.04 < res.report["cost"]["macs_ratio"] <= 0.05
+
+
 def test_bilevel_keeps_the_weights_it_trained():
     """Bi-level learns masks and weights together: the written model carries the trained weights."""
     from onnxfair.data import load_dataset
@@ -306,6 +326,25 @@ def test_no_output_may_land_on_an_input_or_another_output(tmp_path):
     assert "does not exist" in _error([*base, "-o", out, "--json", tmp_path / "no" / "r.json"])
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # nothing written by any refused run
+
+
+def test_the_reports_markdown_twin_replaces_only_an_earlier_summary(tmp_path):
+    """R.md is named by no option: a file of the user's there is refused before any work, a folder too, and a
+    summary from an earlier run is replaced."""
+    base = ["prune", MLP, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5",
+            "--no-latency", "-o", tmp_path / "x.onnx", "--report", tmp_path / "notes.json"]
+    (tmp_path / "notes.md").write_text("# notes\nmine\n")
+    assert "notes.md, which is not an onnxfair report" in _error(base)
+    assert (tmp_path / "notes.md").read_text() == "# notes\nmine\n"
+    (tmp_path / "notes.md").unlink()
+    (tmp_path / "notes.md").mkdir()
+    assert "notes.md is a folder" in _error(base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md"]  # nothing written by either refused run
+    (tmp_path / "notes.md").rmdir()
+    for _ in range(2):  # the second run replaces the first run's summary
+        r = run(*base)
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "notes.md").read_text().startswith("# onnxfair prune: magnitude")
 
 
 def test_a_write_that_fails_is_one_line(tmp_path, monkeypatch):
