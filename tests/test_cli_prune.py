@@ -246,7 +246,7 @@ def test_global_target_macs_is_met_closely(target):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope):
+def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope, tmp_path):
     """Keeping one block of 8 in each 64-channel layer leaves 944 of 11,136 MACs (0.085): a smaller target
     cannot be met with --round-to 8 and is refused; targets above it keep whole blocks, under the budget."""
     from onnxfair.model import load_model
@@ -258,7 +258,7 @@ def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope):
         kept = [g["kept"] for g in res.report["structure"]["groups"]]
         assert all(k % 8 == 0 and k >= 8 for k in kept), (target, kept)
         assert res.report["cost"]["macs_ratio"] <= target
-    msg = _error(["prune", MLP, "--method", "magnitude", "--target-macs", "0.05", "--scope", scope, "-o", "x.onnx"])
+    msg = _error(["prune", MLP, "--method", "magnitude", "--target-macs", "0.05", "--scope", scope, "-o", tmp_path / "x.onnx"])
     assert "still leaves 0.085 of the MACs" in msg and "lower --round-to" in msg
     res = prune_model(model, None, None, PruneConfig(method="magnitude", target_macs=0.05, scope=scope, round_to=1,
                                                      latency=False))
