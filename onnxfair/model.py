@@ -38,11 +38,12 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     if p.is_dir():
         raise ModelError(f"{p} is a directory; pass the path of an .onnx file")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise ModelError(f"{p} is not an ONNX model ({type(exc).__name__}); export the model to ONNX first") from None
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{p} is not an ONNX model (empty graph); export the model to ONNX first")
+    _load_external_data(model, p)
     if check:
         try:
             onnx.checker.check_model(model, full_check=False)
@@ -50,6 +51,29 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{p} is rejected by the ONNX checker: {first}; re-export the model") from None
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read weights stored beside the model (onnx's external data), naming the file when it is missing or
+    shorter than the model says: otherwise the failure reads as a model that is not ONNX at all."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        data = path.parent / info.location
+        fix = "keep the model's external data file beside it, or re-export with the weights embedded"
+        if not data.is_file():
+            raise ModelError(f"{path} keeps weight {tensor.name!r} in {data}, which is missing; {fix}")
+        needed = (info.offset or 0) + (info.length or 0)
+        if data.stat().st_size < needed:
+            raise ModelError(f"{path} keeps weight {tensor.name!r} in {data}, which has {data.stat().st_size:,} "
+                             f"bytes where {needed:,} are needed (truncated?); {fix}")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"cannot read the external data of {path}: {exc}; re-export with the weights embedded") from None
 
 
 def _umask_mode() -> int:

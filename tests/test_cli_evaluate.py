@@ -177,6 +177,25 @@ def test_bad_inputs_exit_2_with_one_line(tiny_linear, tmp_path):
     assert "'onnxfair prune --help'" in _one_line_error(["prune", tiny_linear["path"], "--sparsity", "x", "-o", tmp_path / "o.onnx"])
 
 
+def test_a_model_with_external_weights_is_read_and_a_missing_data_file_is_named(tiny_linear, tmp_path):
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_linear["model"])  # saving with external data rewrites the proto it is given
+    onnx.save(model, folder / "lin.onnx", save_as_external_data=True, location="lin.weights", size_threshold=0)
+    args = ["--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency"]
+    embedded = json.loads(CliRunner().invoke(app, ["evaluate", str(tiny_linear["path"]), *map(str, args)]).stdout)
+    external = json.loads(CliRunner().invoke(app, ["evaluate", str(folder / "lin.onnx"), *map(str, args)]).stdout)
+    assert external["groups"] == embedded["groups"] and external["overall"] == embedded["overall"]
+    weights = folder / "lin.weights"
+    weights.write_bytes(weights.read_bytes()[:10])
+    msg = _one_line_error(["evaluate", folder / "lin.onnx", *args])
+    assert "lin.weights, which has 10 bytes where" in msg and "truncated" in msg
+    weights.unlink()
+    msg = _one_line_error(["inspect", folder / "lin.onnx"])
+    assert "lin.weights, which is missing" in msg and "not an ONNX model" not in msg
+
+
 @pytest.mark.parametrize(
     "model, data, groups",
     [
