@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, ContextManager
+
 import onnx
 
 from onnxfair.data import GroupedDataset, check_labels
@@ -22,8 +25,11 @@ def evaluate_models(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     threads: int = 0,
     repeats: int = 30,
+    phase: Callable[[str], ContextManager] | None = None,
 ) -> list[dict]:
-    """Evaluation blocks for several models on the same rows; latency repetitions interleaved across them."""
+    """Evaluation blocks for several models on the same rows; latency repetitions interleaved across them.
+
+    `phase` (a timer opening a named phase) lets a caller book the latency repetitions as their own phase."""
     sessions = [create_session(m, device, input_shapes, threads) for m in models]
     blocks = []
     for m, s in zip(models, sessions):
@@ -35,7 +41,8 @@ def evaluate_models(
         block["conventions"] = CONVENTIONS
         blocks.append(block)
     if latency:
-        feed = latency_inputs(ds.inputs, timing_batch(sessions, latency_batch))
-        for block, lat in zip(blocks, measure_latency(sessions, feed, repeats=repeats)):
-            block["latency"] = lat
+        with phase("latency") if phase is not None else contextlib.nullcontext():
+            feed = latency_inputs(ds.inputs, timing_batch(sessions, latency_batch))
+            for block, lat in zip(blocks, measure_latency(sessions, feed, repeats=repeats)):
+                block["latency"] = lat
     return blocks

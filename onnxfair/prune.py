@@ -349,7 +349,7 @@ def prune_model(
             eval_kw = {"device": cfg.device, "batch_size": 256, "latency_batch": cfg.latency_batch,
                        "input_shapes": cfg.input_shapes or None, "threads": cfg.threads}
             if cache is None or cfg.latency:  # latency interleaves dense and pruned repetitions: both run here
-                bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, **eval_kw)
+                bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, phase=timer, **eval_kw)
             else:
                 held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, cfg.seed)
                 key = ("evaluation", held_rows, cfg.device, shapes_key, cfg.threads)

@@ -245,6 +245,30 @@ def test_global_target_macs_is_met_closely(target):
     assert target - 0.03 < ratio <= target
 
 
+def test_latency_is_a_phase_of_its_own_beside_evaluate(monkeypatch):
+    """timing's phases are exclusive and add up to the run: the latency repetitions must not hide in evaluate."""
+    import time
+
+    import onnxfair.evaluate
+    from onnxfair.data import load_dataset
+    from onnxfair.model import load_model
+    from onnxfair.prune import PruneConfig, prune_model
+
+    real = onnxfair.evaluate.measure_latency
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxfair.evaluate, "measure_latency", slow)
+    model = load_model(MLP)
+    res = prune_model(model, load_dataset(CAL, model, "race"), None,
+                      PruneConfig(method="magnitude", sparsity=0.5, latency=True, threads=1))
+    timing = res.report["timing"]
+    assert timing["latency"] >= 0.5 and timing["evaluate"] < 0.5, timing
+    assert res.report["latency"]["pruned"]["median_ms"] > 0
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope, tmp_path):
     """Keeping one block of 8 in each 64-channel layer leaves 944 of 11,136 MACs (0.085): a smaller target
