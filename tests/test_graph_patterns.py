@@ -269,6 +269,24 @@ def test_nothing_prunable():
         prune_channels(an, {0: np.array([0])})
 
 
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_a_grouped_convs_output_is_listed_frozen_and_what_follows_still_prunes(op):
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    if op == "Conv":
+        y = b.conv(x, 8, 8, group=4)
+    else:
+        y = b.op("ConvTranspose", [x, b.rand(8, 4, 3, 3), b.rand(8)], group=2, pads=[1, 1, 1, 1])
+    z = b.op("Relu", [b.conv(b.op("Relu", [y]), 8, 6, k=1)])
+    m = b.model([("x", ["N", 3, 6, 6])], [_head(b, z, 6)], opset=13)
+    an = _check_random(m)
+    frozen = {f["space"]: f["reason"] for f in an.frozen}
+    grouped = next(n.name for n in an.model.graph.node if n.op_type == op
+                   and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert frozen[grouped].startswith(f"output of grouped {op} {grouped}"), frozen
+    assert [g.size for g in an.groups] == [6]  # the 1x1 conv after it keeps its own prunable group
+
+
 @pytest.mark.parametrize("kind", ["softmax", "gather", "custom", "argmax", "grouped", "maxpool_indices"])
 def test_frozen_uses(kind):
     b = GraphBuilder()

@@ -369,6 +369,8 @@ def r_conv(w: Walker, idx: int, node: onnx.NodeProto) -> None:
         w.set_out(out, TensorChan(1, segs, rank))
         return
     w.freeze_tc(tc, f"grouped Conv {w.label(idx)} (group={g}) would need the same channels removed in every group")
+    _frozen_output(w, idx, out, cout, rank, f"output of grouped Conv {w.label(idx)} (group={g}): every group must "
+                   "keep the same number of channels")
 
 
 @rule("ConvTranspose")
@@ -399,6 +401,15 @@ def r_convt(w: Walker, idx: int, node: onnx.NodeProto) -> None:
         w.set_out(node.output[0], tc)
         return
     w.freeze_tc(tc, f"grouped ConvTranspose {w.label(idx)} (group={g})")
+    _frozen_output(w, idx, node.output[0], cout, rank, f"output of grouped ConvTranspose {w.label(idx)} (group={g})")
+
+
+def _frozen_output(w: Walker, idx: int, out: str, size: int, rank: int, reason: str) -> None:
+    """Give an output whose channels cannot be removed a space of its own, frozen: `inspect --groups` then
+    lists it with the reason, and whatever reads it is frozen with it."""
+    tc = TensorChan(1, w.new_space(size, idx), rank)
+    w.freeze_tc(tc, reason)
+    w.set_out(out, tc)
 
 
 @rule("Gemm")
