@@ -545,7 +545,11 @@ def finetune(
                 mod.params[n].copy_(t)
         for n, p in mod.params.items():
             p.requires_grad_(saved_flags[n])
-    if result.best_epoch != len(result.history) - 1:
+    if not result.best.feasible:
+        say(f"fine-tune: no epoch met the {loss} constraint on validation (tolerance {result.tolerance}); kept epoch "
+            f"{result.best_epoch}, the smallest violation ({result.best.val_violation:.3f}): "
+            + ("raise --eps or fine-tune longer" if loss == "ceag" else "fine-tune longer"))
+    elif result.best_epoch != len(result.history) - 1:
         say(f"fine-tune: restored epoch {result.best_epoch} (best on validation)")
     cost = result.constraint_cost()
     if cost is not None and cost["val_accuracy"] - result.best.val_accuracy >= 0.05:

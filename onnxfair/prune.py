@@ -13,6 +13,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Callable
 
 import numpy as np
@@ -250,6 +251,9 @@ def prune_model(
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
 
     with timer("analyse"):
+        for pattern in _unmatched_patterns(model, cfg.ignore):
+            progress(f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
+                     "onnxfair inspect --groups lists the names")
         if cfg.structured:
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
@@ -261,9 +265,8 @@ def prune_model(
             dense = model
             units = weight_names(dense)
             if cfg.ignore:
-                import fnmatch
-
-                units = [u for u in units if not any(fnmatch.fnmatch(u, p) for p in cfg.ignore)]
+                ignored = _ignored_initializers(model, cfg.ignore)
+                units = [u for u in units if u not in ignored]
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
 
@@ -389,6 +392,23 @@ def _settings(cfg: PruneConfig) -> dict:
     d["ignore"] = list(cfg.ignore)
     d["kind"] = "structured" if cfg.structured else "unstructured"
     return d
+
+
+def _unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+    """--ignore patterns that name nothing in the graph: most likely a typo, which would prune what was meant
+    to be kept."""
+    names = [n.name for n in model.graph.node if n.name] + [i.name for i in model.graph.initializer]
+    return [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+
+
+def _ignored_initializers(model: onnx.ModelProto, patterns: tuple[str, ...]) -> set[str]:
+    """Initializers --ignore keeps: named by a pattern, or read by a node a pattern names (as the channel
+    analysis does for structured pruning)."""
+    kept = {i.name for i in model.graph.initializer if any(fnmatchcase(i.name, p) for p in patterns)}
+    for node in model.graph.node:
+        if node.name and any(fnmatchcase(node.name, p) for p in patterns):
+            kept.update(node.input)
+    return kept
 
 
 def latency_summary(dense: dict, pruned: dict) -> dict:

@@ -245,6 +245,18 @@ def test_global_target_macs_is_met_closely(target):
     assert target - 0.03 < ratio <= target
 
 
+def test_ignore_keeps_a_named_nodes_weights_dense_and_warns_about_a_pattern_that_names_nothing(tmp_path):
+    out = tmp_path / "u.onnx"
+    r = run("prune", MLP, "--method", "magnitude", "--unstructured", "--scope", "layer", "--sparsity", "0.5",
+            "--ignore", "node_linear_1", "--ignore", "FC1.*", "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    w = initializer_arrays(onnx.load(out))
+    assert np.count_nonzero(w["fc2.weight"]) == w["fc2.weight"].size  # read by the ignored node: untouched
+    assert np.count_nonzero(w["fc1.weight"]) == w["fc1.weight"].size // 2
+    assert "warning: --ignore 'FC1.*' matches no node or initializer name (case matters)" in r.stderr
+    assert "'node_linear_1' matches no" not in r.stderr
+
+
 def test_latency_is_a_phase_of_its_own_beside_evaluate(monkeypatch):
     """timing's phases are exclusive and add up to the run: the latency repetitions must not hide in evaluate."""
     import time

@@ -367,6 +367,19 @@ def accuracy_pred(mod, ds: GroupedDataset) -> np.ndarray:
         return logits_of(mod, to_tensors(ds.inputs, torch.device("cpu"))).argmax(1).numpy()
 
 
+def test_a_run_where_no_epoch_is_feasible_says_so(conflict):
+    model, train, val, masks = conflict
+    lines = []
+    res = finetune(module(model), train, val, masks=masks, epochs=2, loss="ceag", eps=0.0, lr=1e-2, batch_size=64,
+                   seed=0, progress=lines.append)
+    assert not any(r.feasible for r in res.history)
+    smallest = min(res.history, key=lambda r: (r.val_violation, r.epoch))
+    assert res.best_epoch == smallest.epoch
+    assert (f"no epoch met the ceag constraint on validation (tolerance 0.0); kept epoch {res.best_epoch}, the "
+            f"smallest violation ({smallest.val_violation:.3f}): raise --eps") in lines[-1]
+    assert not any("best on validation" in line for line in lines)
+
+
 def test_equalized_dual_step_by_hand():
     lam = equalized_dual_step(np.array([0.0, 0.2, 0.5]), np.array([-0.3, 0.1, 9.0]), np.array([True, True, False]), 0.5)
     np.testing.assert_allclose(lam, [0.15, 0.25, 0.5])
