@@ -15,7 +15,8 @@ from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
 from onnxfair.prune import PruneConfig
 from onnxfair.sweep import (
-    DISPARITIES, DataSpec, SweepPlan, expand, format_rows, parse_list, run_sweep, sweep_summary, write_results,
+    DISPARITIES, OUTPUT_FILES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, format_rows,
+    parse_list, run_sweep, sweep_summary, write_results,
 )
 
 # Prune settings passed through unchanged. Their options are copied from `onnxfair prune` itself, so names,
@@ -45,7 +46,8 @@ PASS_THROUGH = (
               help="Recommend the most accurate front run whose disparity is at most this (a fraction, e.g. 0.01).")
 @click.option("--max-macs-ratio", type=float, default=None, help="Recommend only among runs keeping at most this fraction of MACs.")
 @click.option("--disparity-weight", type=float, default=1.0, show_default=True,
-              help="Without --max-disparity: recommend the front run maximising accuracy - weight x disparity.")
+              help="Without --max-disparity: recommend the front run maximising accuracy - weight x disparity "
+                   "(a finite number >= 0).")
 @click.option("--keep-models", is_flag=True, help="Keep every pruned model as DIR/models/<run-id>.onnx.")
 @click.option("--force", is_flag=True, help="Redo every run, even those whose report is already in DIR/runs.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNGs (the HTML report then has tables only).")
@@ -59,16 +61,14 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
 
     Writes DIR/runs/<run-id>.json (one prune report per run; a rerun skips finished runs), DIR/results.csv and
     DIR/results.json (one row per run, Pareto front and recommendation), DIR/pareto.png, DIR/groups.png and a
-    self-contained DIR/report.html.
+    self-contained DIR/report.html. A plot this sweep does not draw (--no-plots; groups.png without a
+    recommended run) is removed from DIR, so DIR describes the latest sweep only.
     """
     check_outputs({"model": model, "--data": data, "--eval-data": eval_data}, {"--json": json_out})
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}
     if not data or not data_kw["groups"]:
         raise UsageError("onnxfair sweep measures accuracy and disparity: pass --data and --groups (e.g. --groups race)")
-    if max_macs_ratio is not None and not 0.0 < max_macs_ratio <= 1.0:
-        raise UsageError(f"--max-macs-ratio {max_macs_ratio} is outside (0, 1]; it is the fraction of MACs kept")
-    if max_disparity is not None and max_disparity < 0:
-        raise UsageError(f"--max-disparity {max_disparity} is negative; give a fraction of accuracy, e.g. 0.01")
+    check_recommendation_options(max_disparity, max_macs_ratio, disparity_weight)
     method_list = parse_list(methods, str, "--methods")
     sparsity_list = parse_list(sparsities, float, "--sparsities")
     seed_list = parse_list(seeds, int, "--seeds")
@@ -79,7 +79,11 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
                     image_options(data_kw))
     plan = SweepPlan(model, spec, Path(out), method_list, sparsity_list, seed_list, base,
                      jobs=jobs or os.cpu_count() or 1, keep_models=keep_models, force=force)
-    expand(plan)  # bad methods or sparsities fail here, before anything is loaded
+    runs = expand(plan)  # bad methods, sparsities or combinations fail here, before anything is loaded or run
+    check_out(plan, runs)  # so does an --out the sweep could not fill
+    if Path(out).is_dir():  # no file the sweep writes may be one of its inputs
+        check_outputs({"model": model, "--data": data, "--eval-data": eval_data},
+                      {f"--out's {name}": str(Path(out) / name) for name in OUTPUT_FILES})
     if not no_plots:
         from onnxfair.plots import require_matplotlib
 
@@ -87,7 +91,6 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     m = load_model(model)
     calib = load_data(data, m, data_kw)
     eval_ds = load_data(eval_data, m, data_kw) if eval_data else None
-    Path(out).mkdir(parents=True, exist_ok=True)
 
     try:
         result = run_sweep(plan, m, calib, eval_ds, progress, disparity, max_disparity, max_macs_ratio, disparity_weight)
@@ -107,6 +110,11 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         if result.recommended:
             g = groups_png(result.reports[result.recommended], Path(out) / "groups.png", name=result.recommended)
             images["groups"] = g.read_bytes()
+    for name in PLOTS:  # a plot of an earlier sweep in this folder would describe other runs
+        stale = Path(out) / name
+        if name[:-len(".png")] not in images and stale.is_file():
+            stale.unlink()
+            progress(f"removed {stale}: an earlier sweep's plot, which this one does not draw")
     from onnxfair.plots import html_report
 
     html_path = html_report(summary, Path(out) / "report.html", images)

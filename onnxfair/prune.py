@@ -83,6 +83,8 @@ class PruneConfig:
             raise UsageError("--iterations must be at least 1")
         if self.step_epochs < 0 or self.finetune_epochs < 0:
             raise UsageError("--finetune-epochs and --step-epochs count epochs: 0 or more")
+        if self.method == "bilevel" and self.iterations > 1:
+            raise UsageError("--method bilevel is not iterative; drop --iterations")
         if self.step_epochs and self.iterations < 2:
             raise UsageError("--step-epochs fine-tunes between iterative steps: add --iterations 2 or more")
         if self.step_epochs and not has_data:

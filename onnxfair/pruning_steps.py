@@ -13,7 +13,6 @@ import onnx
 import torch
 
 from onnxfair.data import GroupedDataset
-from onnxfair.errors import UsageError
 from onnxfair.interpret.device import torch_device
 
 
@@ -124,8 +123,6 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
     from onnxfair.graph import channel_masks
     from onnxfair.select import rewrite_macs
 
-    if cfg.iterations > 1:
-        raise UsageError("--method bilevel is not iterative; drop --iterations")
     if cfg.sparsity is not None:
         budget = {"sparsity": cfg.sparsity}
     else:

@@ -58,6 +58,22 @@ ROW_FIELDS = (
     "pareto", "recommended",
 )
 
+PLOTS = ("pareto.png", "groups.png")
+OUTPUT_FILES = ("results.csv", "results.json", "report.html") + PLOTS
+
+
+def check_recommendation_options(max_disparity: float | None, max_macs_ratio: float | None,
+                                 disparity_weight: float) -> None:
+    """The recommendation's options, refused before any run when out of range or not finite (JSON has no NaN)."""
+    if max_macs_ratio is not None and not 0.0 < max_macs_ratio <= 1.0:
+        raise UsageError(f"--max-macs-ratio {max_macs_ratio} is outside (0, 1]; it is the fraction of MACs kept")
+    if max_disparity is not None and not (math.isfinite(max_disparity) and max_disparity >= 0):
+        raise UsageError(f"--max-disparity {max_disparity} must be a finite number >= 0; give a fraction of accuracy, "
+                         "e.g. 0.01")
+    if not (math.isfinite(disparity_weight) and disparity_weight >= 0):
+        raise UsageError(f"--disparity-weight {disparity_weight} must be a finite number >= 0 (the accuracy given "
+                         "up per unit of disparity; 0 ignores disparity), e.g. 1")
+
 
 # ------------------------------------------------------------------------------------------- the plan
 
@@ -149,9 +165,62 @@ def expand(plan: SweepPlan) -> list[Run]:
                 damping = plan.base.damping if m == "fairgrape" else 0.0
                 cfg = dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
                                           damping=damping)
-                cfg.validate(has_data=True)
+                cfg.validate(has_data=True)  # every run's settings, before the first one starts
                 runs.append(Run(run_id(m, s, seed, cfg.structured), cfg))
     return runs
+
+
+# --------------------------------------------------------------------------------- the output folder
+
+
+def _folders(plan: SweepPlan) -> dict[str, Path]:
+    out = Path(plan.out)
+    folders = {"run reports": out / "runs"}
+    if plan.keep_models:
+        folders["kept models"] = out / "models"
+    if plan.base.latency and not plan.keep_models:
+        folders["models waiting to be timed"] = out / ".pending"
+    return folders
+
+
+def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
+    """Refuse, before anything is loaded or run, an output folder the sweep could not fill: --out (or a folder
+    above it) a file or not writable, a sub-folder it uses a file, or a file it writes a folder. Nothing is
+    created here; `prepare_out` creates the folders."""
+    out = Path(plan.out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out} is not writable; choose another --out")
+    else:
+        above = out.absolute().parent
+        while not (above.exists() or above.is_symlink()) and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise UsageError(f"--out {out} cannot be created: {above} is a file, not a folder; choose another --out")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out} cannot be created: {above} is not writable; choose another --out")
+        return  # nothing below --out exists yet
+    for what, folder in _folders(plan).items():
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+            raise UsageError(f"{folder} is a file, but the sweep keeps its {what} there; move it or choose another --out")
+    files = [out / name for name in OUTPUT_FILES]
+    for r in runs if runs is not None else expand(plan):
+        files.append(_run_path(plan, r.run_id))
+        files += [_model_path(plan, r.run_id, pending) for pending in (False, True)]
+    for f in files:
+        if f.is_dir():
+            raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
+
+
+def prepare_out(plan: SweepPlan) -> None:
+    """Create --out and the folders the runs write to; a failure is one line (UsageError), not a traceback."""
+    for folder in [Path(plan.out), *_folders(plan).values()]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {folder}: {exc.strerror or exc}; choose another --out") from None
 
 
 # ---------------------------------------------------------------------------------- resumability keys
@@ -219,6 +288,11 @@ _STATE: dict = {}
 
 
 def _init_worker(setup: _Worker) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the sweep process handles it (and ends the workers), so a worker
+    # does not print a traceback of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if setup.threads:
         os.environ["OMP_NUM_THREADS"] = str(setup.threads)
     model = load_model(setup.plan.model)
@@ -318,13 +392,11 @@ def run_sweep(
     """Run the grid (reusing finished runs), time the pruned models, and return the rows with the front."""
     if disparity not in DISPARITIES:
         raise UsageError(f"unknown --disparity {disparity!r}; choose from {', '.join(DISPARITIES)}")
+    check_recommendation_options(max_disparity, max_macs_ratio, disparity_weight)
     runs = expand(plan)
     out = Path(plan.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    if plan.keep_models:
-        (out / "models").mkdir(exist_ok=True)
-    if plan.base.latency and not plan.keep_models:
-        (out / ".pending").mkdir(exist_ok=True)
+    check_out(plan, runs)
+    prepare_out(plan)
     fingerprint = inputs_fingerprint(plan)
     keys = {r.run_id: run_key(r.cfg, fingerprint) for r in runs}
 
@@ -371,21 +443,53 @@ def run_sweep(
     return SweepResult(rows, reports, rec, why, reused, [r.run_id for r in todo])
 
 
-def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished: Callable) -> None:
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished: Callable, pool=None) -> None:
+    """Run `todo` on `jobs` worker processes and call `finished` for each run as soon as it completes.
 
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                               initargs=(_Worker(plan, threads=1),))
+    A run's error stops the sweep: runs not started are cancelled, runs in progress finish (and are kept on
+    disk for the resume). On KeyboardInterrupt the runs not started are cancelled and the workers stopped at
+    once; every run already reported is on disk. `pool` (an Executor) replaces the process pool in tests.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    if pool is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(_Worker(plan, threads=1),))
+    order: dict = {}
     try:
-        pending = {pool.submit(_execute, r, keys[r.run_id]) for r in todo}
+        for i, r in enumerate(todo):
+            order[pool.submit(_execute, r, keys[r.run_id])] = i
+        pending = set(order)
         while pending:
-            complete, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for fut in complete:
+            complete, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in sorted(complete, key=order.__getitem__):
                 finished(*fut.result())  # re-raises a run's error here; finished runs stay on disk
-    finally:
+    except KeyboardInterrupt:
+        _stop_pool(pool)
+        raise
+    except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the runs not started and end the worker processes now, without waiting for the runs in progress
+    (their outputs are written atomically, so an ended run leaves nothing half-written)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        if p.is_alive():
+            p.terminate()
+    for p in workers:
+        p.join(timeout=5)
 
 
 def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], model: onnx.ModelProto,

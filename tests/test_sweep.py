@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -295,12 +296,143 @@ def test_report_is_self_contained_with_valid_pngs(mlp, tmp_path, counting):
     (["--sparsities", "half"], "'half' is not a number"),
     (["--seeds", "0,one"], "'one' is not an integer"),
     (["--max-macs-ratio", "2"], "--max-macs-ratio 2.0 is outside"),
+    # a combination one run refuses is refused before the first run starts (it used to stop the sweep partway)
+    (["--methods", "magnitude,bilevel", "--iterations", "2"], "--method bilevel is not iterative; drop --iterations"),
+    # the weight must be finite (NaN made results.json invalid JSON) and >= 0 (a negative one rewards disparity)
+    (["--disparity-weight", "nan"], "--disparity-weight nan must be a finite number >= 0"),
+    (["--disparity-weight", "-0.5"], "--disparity-weight -0.5 must be a finite number >= 0"),
+    (["--disparity-weight", "inf"], "--disparity-weight inf must be a finite number >= 0"),
+    (["--max-disparity", "nan"], "--max-disparity nan must be a finite number >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(mlp, tmp_path, extra, message):
     r = run(*sweep_args(mlp, tmp_path / "sw"), *extra)
     assert r.exit_code == 2
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_expand_checks_what_a_run_would_refuse():
+    plan = SweepPlan(model="m.onnx", data=DataSpec(data="d.npz", eval_data=None, groups=["race"]), out="sw",
+                     methods=("magnitude", "bilevel"), sparsities=(0.5,), base=PruneConfig(iterations=3))
+    with pytest.raises(UsageError, match="--method bilevel is not iterative"):
+        expand(plan)
+    assert [r.cfg.iterations for r in expand(dataclasses.replace(plan, methods=("magnitude", "taylor")))] == [3, 3]
+    with pytest.raises(UsageError, match="--disparity-weight nan"):
+        sweep_mod.check_recommendation_options(None, None, float("nan"))
+    sweep_mod.check_recommendation_options(0.0, 1.0, 0.0)  # the bounds themselves are fine
+
+
+def _bad_out(tmp_path, case):
+    """--out for one case of an output folder the sweep cannot fill; returns the path and the expected message."""
+    out = tmp_path / "sw"
+    rid = "magnitude-s0.30-seed0"
+    if case == "file above":
+        (tmp_path / "afile").write_text("x")
+        return tmp_path / "afile" / "sub", "afile is a file, not a folder"
+    if case == "cannot create":
+        return "/proc/onnxfair-sweep-test", "cannot create /proc/onnxfair-sweep-test"
+    out.mkdir()
+    if case == "runs is a file":
+        (out / "runs").write_text("x")
+        return out, "runs is a file, but the sweep keeps its run reports there"
+    target = out / ("runs/" + rid + ".json" if case == "run report" else case)
+    target.mkdir(parents=True)
+    return out, f"{target.name} is a folder, but the sweep writes a file there"
+
+
+@pytest.mark.parametrize("case", ["file above", "runs is a file", "results.json", "results.csv", "report.html",
+                                  "pareto.png", "groups.png", "run report", "cannot create"])
+def test_unusable_out_is_one_line_exit_2_before_any_run(mlp, tmp_path, counting, case):
+    if case == "cannot create" and not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    out, message = _bad_out(tmp_path, case)
+    r = run(*sweep_args(mlp, out, "--sparsities", "0.3"))
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert counting.calls == []  # refused before the first run, not after all of them
+
+
+def test_plots_of_an_earlier_sweep_are_removed(mlp, tmp_path, counting):
+    out = tmp_path / "sw"
+    r = run(*sweep_args(mlp, out, "--no-latency"))
+    assert r.exit_code == 0, r.output
+    assert (out / "pareto.png").is_file() and (out / "groups.png").is_file()
+    # no run qualifies: no groups chart is drawn, and the earlier one (of another recommendation) goes
+    r = run(*sweep_args(mlp, out, "--no-latency", "--max-disparity", "0"))
+    assert r.exit_code == 0 and "no recommendation" in r.stdout, r.output
+    assert (out / "pareto.png").is_file() and not (out / "groups.png").exists()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
+    assert f"removed {out / 'groups.png'}" in r.stderr
+    r = run(*sweep_args(mlp, out, "--no-latency", "--no-plots"))
+    assert r.exit_code == 0, r.output
+    assert not (out / "pareto.png").exists() and not (out / "groups.png").exists()
+    assert "data:image/png" not in (out / "report.html").read_text()
+    assert len(counting.calls) == 4  # the reruns reused every run
+
+
+# ---------------------------------------------------------------- the pool reports runs as they complete
+
+
+def _pool_runs(n):
+    return [sweep_mod.Run(f"r{i}", PruneConfig()) for i in range(n)]
+
+
+def test_pool_reports_each_run_when_it_completes(monkeypatch):
+    """Runs finish in the order r2, r0, r1 (each waits until the one before it has been reported): each is
+    reported once, in that order, while the others still run, not all together after the last."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    after = {"r0": "r2", "r1": "r0", "r2": None}  # a run ends only once this one has been reported
+    reported = {rid: threading.Event() for rid in after}
+    waited_out = []
+
+    def slow_execute(r, key):
+        before = after[r.run_id]
+        if before is not None and not reported[before].wait(timeout=3):
+            waited_out.append(r.run_id)  # the report it waits for never came while it ran
+        return r.run_id, {"key": key}, 0.0
+
+    seen = []
+
+    def finished(rid, rep, seconds):
+        seen.append((rid, rep["key"]))
+        reported[rid].set()
+
+    monkeypatch.setattr(sweep_mod, "_execute", slow_execute)
+    runs = _pool_runs(3)
+    sweep_mod._run_pool(None, runs, {r.run_id: f"k-{r.run_id}" for r in runs}, 3, finished,
+                        pool=ThreadPoolExecutor(3))
+    assert seen == [("r2", "k-r2"), ("r0", "k-r0"), ("r1", "k-r1")]
+    assert waited_out == []
+
+
+def test_pool_interrupt_cancels_waiting_runs_and_does_not_wait(monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt in the sweep process) cancels the runs not started and returns without
+    waiting for the run in progress; the run finished before it was reported."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+
+    release = threading.Event()
+    started, waited_out, seen = [], [], []
+
+    def execute(r, key):
+        started.append(r.run_id)
+        if r.run_id == "r1" and not release.wait(timeout=3):  # in progress when Ctrl-C comes
+            waited_out.append(r.run_id)
+        return r.run_id, {}, 0.0
+
+    def finished(rid, rep, seconds):
+        seen.append(rid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_mod, "_execute", execute)
+    runs = _pool_runs(4)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod._run_pool(None, runs, {r.run_id: None for r in runs}, 1, finished, pool=ThreadPoolExecutor(1))
+    release.set()  # too late for the pool to have waited on it
+    assert seen == ["r0"] and waited_out == []
+    assert "r2" not in started and "r3" not in started
 
 
 def test_missing_data_is_one_line_exit_2(mlp, tmp_path):
