@@ -71,15 +71,16 @@ def prune(model: str, data: str | None, eval_data: str | None, output: str, repo
     """Prune MODEL under a budget with a fairness-aware method, and report before/after per group."""
     check_outputs({"model": model, "--data": data, "--eval-data": eval_data},
                   {"-o": output, "--report": report_path, "--json": json_out})
-    m = load_model(model)
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}
     if data and not data_kw["groups"]:
         raise UsageError("--data needs --groups naming the group attribute(s), e.g. --groups race")
-    calib = load_data(data, m, data_kw) if data else None
-    eval_ds = load_data(eval_data, m, data_kw) if eval_data else None
-    if eval_ds is not None and calib is None:
+    if eval_data and not data:
         raise UsageError("--eval-data needs --data and --groups as well")
     cfg = PruneConfig(input_shapes=parse_input_shapes(input_shape), ignore=tuple(ignore), latency=not no_latency, **kw)
+    cfg.validate(has_data=bool(data))  # settings first: a bad option should not wait for the model and data
+    m = load_model(model)
+    calib = load_data(data, m, data_kw) if data else None
+    eval_ds = load_data(eval_data, m, data_kw) if eval_data else None
     progress(f"pruning {model}: {cfg.method}, {'structured' if cfg.structured else 'unstructured'}")
     result = prune_model(m, calib, eval_ds, cfg, progress=progress)
     result.report["input"] = {"model": model, "data": data, "eval_data": eval_data, "output": output}

@@ -364,6 +364,13 @@ def test_no_output_may_land_on_an_input_or_another_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]  # nothing written by any refused run
 
 
+def test_a_bad_setting_is_the_only_line_and_comes_before_the_model_is_read(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "prune", str(tmp_path / "absent.onnx"), "--method",
+                           "magnitude", "--sparsity", "1.5", "-o", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: --sparsity 1.5 is outside (0, 1); it is the fraction removed, e.g. 0.5"]
+
+
 def test_the_reports_markdown_twin_replaces_only_an_earlier_summary(tmp_path):
     """R.md is named by no option: a file of the user's there is refused before any work, a folder too, and a
     summary from an earlier run is replaced."""
