@@ -16,9 +16,12 @@ def _same(a: Path, b: Path) -> bool:
 
 def _is_onnxfair_markdown(path: Path) -> bool:
     """True when `path` starts like a summary onnxfair wrote (`# onnxfair ...`), so rewriting it loses nothing."""
+    from onnxfair.report import MARKDOWN_TITLE
+
+    title = MARKDOWN_TITLE.encode()
     try:
         with open(path, "rb") as f:
-            return f.read(11) == b"# onnxfair "
+            return f.read(len(title)) == title
     except OSError:
         return False
 

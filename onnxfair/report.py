@@ -85,13 +85,16 @@ def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: st
     return "\n".join(lines)
 
 
+MARKDOWN_TITLE = "# onnxfair "  # how every Markdown summary starts: `--report` replaces only files that do
+
+
 def prune_markdown(report: dict) -> str:
     """A short Markdown summary of a prune report, for humans and pull-request comments."""
     m = report["method"]
     c = report["cost"]
     budget = f"sparsity {m['sparsity']}" if m.get("sparsity") is not None else f"target MACs {m['target_macs']}"
     lines = [
-        f"# onnxfair prune: {m['method']} ({m['kind']}, {budget}, seed {m['seed']})",
+        f"{MARKDOWN_TITLE}prune: {m['method']} ({m['kind']}, {budget}, seed {m['seed']})",
         "",
         "| | dense | pruned | ratio |",
         "|---|---:|---:|---:|",
