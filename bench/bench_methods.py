@@ -176,7 +176,8 @@ def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDatas
     base, loss = METHODS[method]
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
-        finetune_epochs=args.finetune_epochs, bilevel_steps=args.bilevel_steps, latency=False, device="cpu",
+        finetune_epochs=args.finetune_epochs, latency=False, device="cpu",
+        **({"bilevel_steps": args.bilevel_steps} if base == "bilevel" else {}),
         repair=args.repair, damping=damping(method, args), finetune_loss=args.finetune_loss,
         **schedule(base, sparsity, args),
     )

@@ -39,11 +39,12 @@ def risk(model: str, data: str, sparsity: float, structured: bool, scope: str, r
     """Bias-risk pre-check of MODEL on --data: per-group loss, gradient norm, Hessian trace, uncertain share,
     and the predicted (g'd + d'Hd/2) and measured loss change of the magnitude mask at --sparsity."""
     check_outputs({"model": model, "--data": data}, {"--json": json_out})
+    cfg = RiskConfig(sparsity=sparsity, structured=structured, scope=scope, round_to=round_to, params=param_set,
+                     hutchinson_samples=hutchinson_samples, seed=seed, loss=loss, beta=beta, gamma=gamma, batch_size=batch_size, device=device)
+    cfg.check()  # settings first: a bad option should not wait for the model and data
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, m, kw)
-    cfg = RiskConfig(sparsity=sparsity, structured=structured, scope=scope, round_to=round_to, params=param_set,
-                     hutchinson_samples=hutchinson_samples, seed=seed, loss=loss, beta=beta, gamma=gamma, batch_size=batch_size, device=device)
     progress(f"risk pre-check of {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     report = risk_report(m, ds, cfg, input_shapes=shapes, progress=progress)
     report = {"model": model, "data": data, "groups_by": ds.attributes, **report}

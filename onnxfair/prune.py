@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from onnxfair import __version__
+from onnxfair import __version__, settings
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UsageError
 
@@ -85,16 +85,12 @@ class PruneConfig:
             raise UsageError("--finetune-epochs and --step-epochs count epochs: 0 or more")
         if self.method == "bilevel" and self.iterations > 1:
             raise UsageError("--method bilevel is not iterative; drop --iterations")
-        if self.step_epochs and self.iterations < 2:
-            raise UsageError("--step-epochs fine-tunes between iterative steps: add --iterations 2 or more")
         if self.step_epochs and not has_data:
             raise UsageError("--step-epochs needs --data and --groups")
         if self.round_to < 1:
             raise UsageError("--round-to must be at least 1 (1 disables rounding)")
         if not (self.damping >= 0.0 and math.isfinite(self.damping)):
             raise UsageError(f"--damping {self.damping} must be a finite number >= 0 (0: the paper's fairgrape importance)")
-        if self.damping and self.method != "fairgrape":
-            raise UsageError(f"--damping applies to --method fairgrape only, not {self.method}; drop --damping")
         if not (self.finetune_lr > 0.0 and math.isfinite(self.finetune_lr)):
             raise UsageError(f"--finetune-lr {self.finetune_lr} must be a finite number > 0, e.g. 1e-3")
         if not (self.bilevel_alpha >= 0.0 and math.isfinite(self.bilevel_alpha)):
@@ -105,6 +101,59 @@ class PruneConfig:
             raise UsageError(f"unknown --repair {self.repair!r}; choose one of {', '.join(REPAIR_MODES)}")
         if self.repair != "none" and not has_data:
             raise UsageError("--repair measures statistics on data: pass --data and --groups (or --repair none)")
+        unused = self.unused_settings()
+        if unused:
+            raise UsageError(unused_message(self, unused, "this run"))
+
+    def unused_settings(self) -> list[str]:
+        """The fields moved from their default that this run never reads (see `onnxfair.settings`)."""
+        fine_tunes = self.finetune_epochs > 0 or self.step_epochs > 0
+        scores_with_loss = self.method != "magnitude"
+        pw = (scores_with_loss and self.loss == "pw") or (fine_tunes and self.finetune_loss == "pw")
+        reads = {
+            "damping": self.method == "fairgrape",
+            "bilevel_steps": self.method == "bilevel",
+            "bilevel_alpha": self.method == "bilevel",
+            "loss": scores_with_loss,
+            "beta": pw,
+            "gamma": pw,
+            "finetune_loss": fine_tunes,
+            "finetune_lr": fine_tunes,
+            "finetune_eps": fine_tunes and self.finetune_loss == "ceag",
+            "step_epochs": self.iterations > 1,
+            "round_to": self.structured,
+            "sparse_storage": not self.structured,
+            "latency_batch": self.latency,
+        }
+        return settings.moved_and_unread(self, reads)
+
+    def with_defaults(self, names: list[str]) -> "PruneConfig":
+        """A copy with these fields back at their defaults."""
+        default = settings.defaults(PruneConfig)
+        return dataclasses.replace(self, **{name: default[name] for name in names})
+
+
+# field: (option, what reads it); `PruneConfig.unused_settings` says when
+READ_BY = {
+    "damping": ("--damping", "--method fairgrape"),
+    "bilevel_steps": ("--bilevel-steps", "--method bilevel"),
+    "bilevel_alpha": ("--bilevel-alpha", "--method bilevel"),
+    "loss": ("--loss", "the methods that score with data (magnitude reads only the weights)"),
+    "beta": ("--beta", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
+    "gamma": ("--gamma", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
+    "finetune_loss": ("--finetune-loss", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
+    "finetune_lr": ("--finetune-lr", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
+    "finetune_eps": ("--eps", "fine-tuning with --finetune-loss ceag"),
+    "step_epochs": ("--step-epochs", "an iterative schedule (--iterations 2 or more)"),
+    "round_to": ("--round-to", "structured pruning (--unstructured zeroes single weights)"),
+    "sparse_storage": ("--sparse-storage", "--unstructured (structured pruning removes channels and leaves no zeros)"),
+    "latency_batch": ("--latency-batch", "latency timing, which --no-latency skips"),
+}
+
+
+def unused_message(cfg: PruneConfig, unused: list[str], where: str) -> str:
+    """The refusal of `unused` (from `PruneConfig.unused_settings`) on `where` ("this run", a sweep)."""
+    return settings.unused_message(cfg, unused, READ_BY, where)
 
 
 @dataclass

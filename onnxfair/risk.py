@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import torch
 
+from onnxfair import settings
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.head import logit_view
@@ -95,6 +96,20 @@ class RiskConfig:
             raise UsageError("--batch-size must be at least 1")
         if self.loss not in ("ce", "pw"):
             raise UsageError(f"--loss {self.loss!r} is not supported; use ce or pw")
+        reads = {"round_to": self.structured, "beta": self.loss == "pw", "gamma": self.loss == "pw",
+                 "seed": self.hutchinson_samples > 0}
+        unused = settings.moved_and_unread(self, reads)
+        if unused:
+            raise UsageError(settings.unused_message(self, unused, RISK_READ_BY, "this pre-check"))
+
+
+# field: (option, what reads it); `RiskConfig.check` says when
+RISK_READ_BY = {
+    "round_to": ("--round-to", "the structured mask (--unstructured zeroes single weights)"),
+    "beta": ("--beta", "--loss pw"),
+    "gamma": ("--gamma", "--loss pw"),
+    "seed": ("--seed", "the Hessian trace estimate (--hutchinson-samples 1 or more)"),
+}
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -31,7 +31,7 @@ from onnxfair import __version__
 from onnxfair.data import GroupedDataset, ImageOptions, load_dataset
 from onnxfair.errors import UsageError
 from onnxfair.model import load_model, save_model_atomic, write_text_atomic
-from onnxfair.prune import METHODS, DenseCache, PruneConfig, prune_model
+from onnxfair.prune import METHODS, DenseCache, PruneConfig, prune_model, unused_message
 
 DISPARITIES = ("std_delta", "max_excess_gap", "accuracy_gap")
 
@@ -155,18 +155,19 @@ def expand(plan: SweepPlan) -> list[Run]:
     for s in plan.sparsities:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 < s < 1.0):
             raise UsageError(f"sparsity {s} in --sparsities is outside (0, 1); it is the fraction removed, e.g. 0.5")
-    if plan.base.damping and "fairgrape" not in plan.methods:
-        raise UsageError("--damping applies to fairgrape runs only, and --methods has none; add fairgrape or drop --damping")
+    grid = [(m, s, seed, dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed)))
+            for m in plan.methods for s in plan.sparsities for seed in plan.seeds]
+    unused = [cfg.unused_settings() for *_, cfg in grid]
+    nowhere = [name for name in unused[0] if all(name in u for u in unused)]
+    if nowhere:
+        raise UsageError(unused_message(grid[0][3], nowhere, "any run of this sweep"))
     runs = []
-    for m in plan.methods:
-        for s in plan.sparsities:
-            for seed in plan.seeds:
-                # --damping is fairgrape's alone: the other methods of the grid run without it
-                damping = plan.base.damping if m == "fairgrape" else 0.0
-                cfg = dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
-                                          damping=damping)
-                cfg.validate(has_data=True)  # every run's settings, before the first one starts
-                runs.append(Run(run_id(m, s, seed, cfg.structured), cfg))
+    for (m, s, seed, cfg), skip in zip(grid, unused):
+        # a method-specific setting (--damping, --bilevel-steps, --loss ...) reaches the runs that read it; the
+        # others run, and report, without it
+        cfg = cfg.with_defaults(skip)
+        cfg.validate(has_data=True)  # every run's settings, before the first one starts
+        runs.append(Run(run_id(m, s, seed, cfg.structured), cfg))
     return runs
 
 

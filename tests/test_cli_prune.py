@@ -144,9 +144,9 @@ def test_step_epochs_retrain_between_steps_and_the_trained_weights_are_written(t
     # the weights the next step ranks, and the written model carries those trained weights
     dense = initializer_arrays(onnx.load(MLP))
     common = ("--method", "magnitude", "--unstructured", "--scope", "layer", "--sparsity", "0.95", "--iterations", "2",
-              "--seed", "3", "--finetune-lr", "1e-4")
+              "--seed", "3")
     plain, rep_plain = _prune(tmp_path, "plain", *common)
-    trained, rep = _prune(tmp_path, "trained", *common, "--step-epochs", "2")
+    trained, rep = _prune(tmp_path, "trained", *common, "--step-epochs", "2", "--finetune-lr", "1e-4")
     steps = rep["structure"]["step_finetune"]
     assert [s["step"] for s in steps] == [1] and rep["method"]["step_epochs"] == 2
     assert steps[0]["best_epoch"] >= 1  # training helped on validation, so its weights were kept
@@ -186,9 +186,9 @@ def test_prune_refuses_bad_requests(tmp_path):
     assert "exactly one budget" in _error(["prune", MLP, "--method", "magnitude", "-o", tmp_path / "x.onnx"])
     assert "folder" in _error(["prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "no" / "x.onnx"])
     assert "pass --data" in _error(["prune", MLP, "--method", "fairgrape", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
-    assert "add --iterations 2" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
+    assert "only an iterative schedule (--iterations 2 or more) reads it" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                            "--sparsity", "0.5", "--step-epochs", "2", "-o", tmp_path / "x.onnx"])
-    assert "--method fairgrape only" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
+    assert "only --method fairgrape reads it; drop --damping" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                                 "--sparsity", "0.5", "--damping", "10", "-o", tmp_path / "x.onnx"])
     for bad in ("-1", "nan", "inf"):
         assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",

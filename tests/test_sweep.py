@@ -129,7 +129,7 @@ def test_damping_reaches_the_fairgrape_runs_only(tmp_path):
     assert {r.cfg.method: r.cfg.damping for r in expand(plan)} == {"magnitude": 0.0, "fairgrape": 10.0, "taylor": 0.0}
     with pytest.raises(UsageError, match="finite number >= 0"):
         expand(dataclasses.replace(plan, base=PruneConfig(damping=float("nan"))))
-    with pytest.raises(UsageError, match="methods has none"):
+    with pytest.raises(UsageError, match="--damping 10 has no effect on any run of this sweep: only --method fairgrape reads it"):
         expand(dataclasses.replace(plan, methods=("magnitude",)))
 
 

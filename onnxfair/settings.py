@@ -1,0 +1,29 @@
+"""Settings a run would not read: refused rather than ignored, because a user who sets an option believes
+the run honours it. A setting left at its default is never in the way, so scripts that spell out every
+default keep working."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+def defaults(config_type: type) -> dict[str, Any]:
+    """Each field's default value (fields without one are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(config_type) if f.default is not dataclasses.MISSING}
+
+
+def moved_and_unread(config: Any, reads: dict[str, bool]) -> list[str]:
+    """The fields of `reads` that this run does not read (False) and that differ from their default."""
+    default = defaults(type(config))
+    return [name for name, read in reads.items() if not read and getattr(config, name) != default[name]]
+
+
+def unused_message(config: Any, unused: list[str], read_by: dict[str, tuple[str, str]], where: str) -> str:
+    """One line for the first unused setting: its option and value, what reads it, the fix; then the others."""
+    name = unused[0]
+    option, reader = read_by[name]
+    value = getattr(config, name)
+    shown = option if isinstance(value, bool) else f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
+    more = f" (and {len(unused) - 1} more: {', '.join(read_by[n][0] for n in unused[1:])})" if len(unused) > 1 else ""
+    return f"{shown} has no effect on {where}: only {reader} reads it; drop {option}{more}"
