@@ -309,6 +309,13 @@ def prune_model(
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
                 raise no_channel_groups(model, an)
+            small = [g for g in an.groups if g.size <= cfg.round_to] if cfg.round_to > 1 else []
+            if small:
+                sizes = sorted({g.size for g in small})
+                shown = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+                progress(f"warning: --round-to {cfg.round_to} is not below the size of {len(small)} of the "
+                         f"{len(an.groups)} channel groups ({shown} channels); rounded, they could only be kept "
+                         "whole, so their counts go in single channels")
             dense = an.model
             units = an.groups
         else:

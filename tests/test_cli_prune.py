@@ -172,6 +172,20 @@ def test_data_free_magnitude_with_target_macs(tmp_path):
     assert "dense" not in rep and rep["latency"]["speedup"] > 0
 
 
+def test_a_round_to_as_large_as_a_group_is_said_and_counts_single_channels(tmp_path):
+    # the MLP's two hidden layers have 64 channels: blocks of 64 could only keep them whole
+    r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.3", "--round-to", "64", "--no-latency",
+            "-o", tmp_path / "m.onnx", "--json", "-")
+    assert r.exit_code == 0, r.output
+    warned = [l for l in r.stderr.splitlines() if l.startswith("warning: --round-to")]
+    assert warned == ["warning: --round-to 64 is not below the size of 2 of the 2 channel groups (64 channels); "
+                      "rounded, they could only be kept whole, so their counts go in single channels"]
+    assert sum(g["kept"] for g in json.loads(r.stdout)["structure"]["groups"]) == 90  # 128 x 0.7, not a multiple of 64
+    r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.3", "--round-to", "32", "--no-latency",
+            "-o", tmp_path / "m.onnx", "--json", "-")
+    assert r.exit_code == 0 and "warning: --round-to" not in r.stderr
+
+
 def _error(args):
     proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
