@@ -38,7 +38,8 @@ PASS_THROUGH = (
               help="Fractions removed to try, comma-separated, each in (0, 1).")
 @click.option("--structured/--unstructured", default=True, show_default=True,
               help="Remove whole channels (smaller and faster) or zero single weights.")
-@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated (each seed also reseeds the held-out split).")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated. Without --eval-data every run is judged on the same held-out part of --data, "
+                   "split with the first seed.")
 @click.option("--jobs", type=click.IntRange(1), default=None, help="Runs in parallel, one core each (default: number of cores).")
 @click.option("--disparity", default="std_delta", show_default=True, type=click.Choice(DISPARITIES),
               help="Disparity axis of the Pareto front (minimised).")

@@ -57,6 +57,7 @@ class PruneConfig:
     threads: int = 0  # torch and onnxruntime intra-op threads, layers ranked at once; 0 = their defaults
     batch_size: int = 64
     eval_split: float = 0.3
+    split_seed: int | None = None  # seed of the held-out split without eval data; None: `seed` (a sweep pins it)
     ignore: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     latency: bool = True
@@ -263,15 +264,20 @@ def weight_names(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def held_out_seed(cfg: PruneConfig) -> int:
+    """The seed of the held-out split: `split_seed`, else the run's seed."""
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
+
+
 def _split_eval(calib: GroupedDataset | None, eval_ds: GroupedDataset | None, cfg: PruneConfig):
     """Scoring uses calib; evaluation uses eval_ds or a seeded, group-stratified held-out part of calib."""
     if calib is None or eval_ds is not None:
         return calib, eval_ds, ("eval-data" if eval_ds is not None else None)
-    fit, held = calib.split(cfg.eval_split, seed=cfg.seed)
+    fit, held = calib.split(cfg.eval_split, seed=held_out_seed(cfg))
     if len(held) == 0:
         raise UsageError(f"--data has {len(calib)} row{'s' * (len(calib) != 1)} and no group with 2, so none can be held out for the "
                          "before/after evaluation; pass --eval-data or more rows")
-    return fit, held, f"held-out {cfg.eval_split:.0%} of --data (seed {cfg.seed}, stratified by group)"
+    return fit, held, f"held-out {cfg.eval_split:.0%} of --data (seed {held_out_seed(cfg)}, stratified by group)"
 
 
 def prune_model(
@@ -412,7 +418,7 @@ def prune_model(
             if cache is None or cfg.latency:  # latency interleaves dense and pruned repetitions: both run here
                 bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, phase=timer, **eval_kw)
             else:
-                held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, cfg.seed)
+                held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, held_out_seed(cfg))
                 key = ("evaluation", held_rows, cfg.device, shapes_key, cfg.threads)
                 dense_block = cache.get(key, lambda: evaluate_models([model], held, latency=False, **eval_kw)[0])
                 bd = copy.deepcopy(dense_block)

@@ -155,7 +155,11 @@ def expand(plan: SweepPlan) -> list[Run]:
     for s in plan.sparsities:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 < s < 1.0):
             raise UsageError(f"sparsity {s} in --sparsities is outside (0, 1); it is the fraction removed, e.g. 0.5")
-    grid = [(m, s, seed, dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed)))
+    # without eval data every run is judged on the same held-out rows (the first seed's split), so the front
+    # compares runs, not the rows they happened to be judged on
+    split_seed = None if plan.data.eval_data else int(plan.seeds[0])
+    grid = [(m, s, seed, dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
+                                             split_seed=split_seed))
             for m in plan.methods for s in plan.sparsities for seed in plan.seeds]
     unused = [cfg.unused_settings() for *_, cfg in grid]
     nowhere = [name for name in unused[0] if all(name in u for u in unused)]

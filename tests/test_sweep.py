@@ -472,6 +472,30 @@ def test_rows_equal_prune_run_alone_parallel(mlp, tmp_path):
         assert rep["sweep"]["latency"].startswith("measured sequentially")
 
 
+def test_without_eval_data_every_seed_is_judged_on_the_same_rows(mlp, tmp_path):
+    # the front compares runs of different seeds, so they must be measured on the same held-out rows: the
+    # dense model's block is then identical in every run, and equals `prune --seed 3` alone
+    out = tmp_path / "sw"
+    r = run("sweep", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--methods", "taylor",
+            "--sparsities", "0.5", "--seeds", "3,4,5", "--round-to", "4", "--jobs", "1", "--no-plots",
+            "--no-latency", "--out", out)
+    assert r.exit_code == 0, r.output
+    reps = [json.loads((out / "runs" / f"{run_id('taylor', 0.5, s)}.json").read_text()) for s in (3, 4, 5)]
+    assert [rep["method"]["seed"] for rep in reps] == [3, 4, 5]
+    assert all(rep["method"]["split_seed"] == 3 for rep in reps)
+    assert all(rep["evaluation"]["source"] == "held-out 30% of --data (seed 3, stratified by group)" for rep in reps)
+    assert reps[1]["dense"] == reps[0]["dense"] == reps[2]["dense"]
+    p = run("prune", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--method", "taylor", "--seed", "3",
+            "--sparsity", "0.5", "--round-to", "4", "--no-latency", "-o", tmp_path / "t.onnx", "--report", tmp_path / "t.json")
+    assert p.exit_code == 0, p.output
+    alone = json.loads((tmp_path / "t.json").read_text())
+    assert alone["dense"] == reps[0]["dense"] and alone["pruned"] == reps[0]["pruned"]
+    # a prune run of its own reseeds its split with --seed: another seed is judged on other rows
+    q = run("prune", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--method", "taylor", "--seed", "4",
+            "--sparsity", "0.5", "--round-to", "4", "--no-latency", "-o", tmp_path / "u.onnx", "--json", "-")
+    assert json.loads(q.stdout)["dense"] != alone["dense"]
+
+
 @pytest.mark.parametrize("with_eval", [True, False])
 def test_dense_cache_computes_once_and_changes_no_report(mlp, monkeypatch, with_eval):
     """With a DenseCache the analysis, the dense cost and the dense evaluation run once per setting; the reports
