@@ -105,6 +105,9 @@ class PruneConfig:
         unused = self.unused_settings()
         if unused:
             raise UsageError(unused_message(self, unused, "this run"))
+        from onnxfair.interpret.device import torch_device
+
+        torch_device(self.device)  # --device cuda on a machine without one, before any work (and every sweep run)
 
     def unused_settings(self) -> list[str]:
         """The fields moved from their default that this run never reads (see `onnxfair.settings`)."""

@@ -1,4 +1,4 @@
-"""Settings a run would not read are refused, by `prune`, `sweep` and library callers alike."""
+"""Settings a run could not honour are refused before any work: options it would not read, a device it lacks."""
 
 import dataclasses
 
@@ -12,7 +12,7 @@ from cli.prune import prune as prune_command
 from cli.risk import risk as risk_command
 from onnxfair import settings
 from onnxfair.data import load_dataset
-from onnxfair.errors import UsageError
+from onnxfair.errors import RuntimeUnavailableError, UsageError
 from onnxfair.model import initializer_arrays
 from onnxfair.prune import READ_BY, PruneConfig, prune_model
 from onnxfair.risk import RISK_READ_BY, RiskConfig
@@ -171,3 +171,14 @@ def test_risk_refuses_before_reading_the_model(tmp_path):
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [
         "error: --beta 0.5 has no effect on this pre-check: only --loss pw reads it; drop --beta"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_before_any_run(tmp_path):
+    with pytest.raises(RuntimeUnavailableError, match="torch sees no CUDA GPU"):
+        PruneConfig(method="magnitude", sparsity=0.5, device="cuda").validate(has_data=False)
+    r = CliRunner().invoke(app, ["sweep", str(MLP), "--data", str(CAL), "--groups", "race", "--methods", "magnitude",
+                                 "--sparsities", "0.5", "--device", "cuda", "--out", str(tmp_path / "sw")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: --device cuda asked for, but torch sees no CUDA GPU; use --device cpu"]
+    assert not (tmp_path / "sw").exists()  # refused before the output folder is made
