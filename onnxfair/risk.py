@@ -57,6 +57,9 @@ CONVENTIONS = {
     "measured_loss_change": "mean loss of the masked model minus mean loss of the dense model on the group's rows",
     "ranking": "groups with rows by predicted_loss_change, largest first; ties by larger grad_norm, then label",
     "small_group": f"groups with fewer than {SMALL_GROUP} rows are flagged small (their figures are noisy), not dropped",
+    "removed_weights": "entries the assessed masks set to zero; a structured mask zeroes the consumer columns that "
+    "read the removed channels (equivalent for the loss), so this counts those, not the producer rows that "
+    "`onnxfair prune` also drops",
     "params": "weights: weight operands of Conv/ConvTranspose/Gemm/MatMul plus initializers the mask touches; "
     "all: every float initializer",
 }
