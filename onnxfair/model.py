@@ -110,7 +110,19 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def _writable(target: Path) -> Iterator[str]:
     """A temporary file beside `target`, renamed onto it when the body succeeds and removed otherwise; a
-    failed write (a missing or read-only folder, a full disk) is one line naming the path."""
+    failed write (a missing or read-only folder, a full disk) is one line naming the path.
+
+    A symlink is followed, so the file it names is replaced and the link stays. A target that is not a
+    regular file (a pipe, /dev/stdout, /dev/null) is written through, never replaced: renaming onto it
+    would delete the device or pipe and leave a plain file in its place."""
+    if target.exists() and not target.is_file():  # exists() and is_file() follow links
+        try:
+            yield str(target)
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose another path") from None
+        return
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))

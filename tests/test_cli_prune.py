@@ -418,3 +418,28 @@ def test_a_write_that_fails_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="cannot write .*x.onnx: No space left on device"):
         save_model_atomic(onnx.load(MLP), tmp_path / "x.onnx")
     assert os.listdir(tmp_path) == []  # the temporary file is gone too
+
+
+def test_json_through_a_symlink_and_into_a_pipe(tmp_path):
+    """A symlink keeps pointing at the report it names; a pipe is written through, never replaced by a file."""
+    import os
+    import threading
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    r = run("evaluate", MLP, "--data", EVAL, "--groups", "race", "--no-latency", "--json", link)
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and json.loads(real.read_text())["overall"]["n"] == 5000
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(text=fifo.read_text()), daemon=True)
+    reader.start()
+    r = run("evaluate", MLP, "--data", EVAL, "--groups", "race", "--no-latency", "--json", fifo)
+    reader.join(timeout=60)
+    assert r.exit_code == 0, r.output
+    assert json.loads(got["text"])["overall"]["n"] == 5000
+    assert fifo.is_fifo()  # still the pipe, not a plain file left in its place
