@@ -129,6 +129,9 @@ def parse_groups(groups: str | Sequence[str]) -> list[str]:
     names = [g.strip() for g in (groups.split(",") if isinstance(groups, str) else groups) if g.strip()]
     if not names:
         raise UsageError("--groups is empty; name at least one group attribute, e.g. --groups race or race,sex")
+    twice = sorted({g for g in names if names.count(g) > 1})
+    if twice:
+        raise UsageError(f"--groups names {', '.join(twice)} more than once; name each attribute once, e.g. --groups race,sex")
     return names
 
 
@@ -208,6 +211,13 @@ def load_dataset(
     attributes = parse_groups(groups)
     specs = input_specs(model)
     suffix = p.suffix.lower()
+    image_given = image is not None and image != ImageOptions()
+    if suffix == ".npz" and features:
+        raise UsageError(f"--features names table columns, and {p.name} is an npz, whose arrays are named by model input; "
+                         "drop --features")
+    if suffix == ".npz" and image_given:
+        raise UsageError(f"--image-size, --mean, --std and --layout apply to image manifests, and {p.name} is an npz of "
+                         "ready tensors; drop them")
     if suffix == ".npz":
         inputs, y, cols = _load_npz(p, specs, attributes, label or "y")
     elif suffix in (".csv", ".parquet", ".pq"):
@@ -217,6 +227,10 @@ def load_dataset(
         path_col = (image or ImageOptions()).path_column
         if path_col in table and features is None:  # --features names a plain table, whatever its columns
             inputs, y, cols = _load_manifest(p, table, specs, attributes, label or "label", image or ImageOptions())
+        elif image_given:
+            why = "--features makes it a table" if path_col in table else f"it has no {path_col!r} column"
+            raise UsageError(f"--image-size, --mean, --std and --layout apply to image manifests, and {p.name} is read as a "
+                             f"table ({why}); drop them")
         else:
             inputs, y, cols = _load_table(p, table, specs, attributes, label or "label", features)
     else:
@@ -272,7 +286,10 @@ def _read_table(p: Path):
     except ImportError:
         raise DataError("reading csv/parquet needs pandas; pip install pandas (and pyarrow for parquet)") from None
     try:
-        return pd.read_parquet(p) if p.suffix.lower() in (".parquet", ".pq") else pd.read_csv(p)
+        if p.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(p)
+        # only an empty cell is missing: "NA" or "None" can be real group values (pandas' default reads them as NaN)
+        return pd.read_csv(p, keep_default_na=False, na_values=[""])
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install 'onnxfair[parquet]'") from None
     except Exception as exc:
@@ -293,6 +310,12 @@ def _load_table(p: Path, table, specs, attributes, label, features):
         features = [c for c in columns if c != label and c not in attributes]
     else:
         _check_columns(columns, features, "feature column", p)
+        twice = sorted({c for c in features if list(features).count(c) > 1})
+        if twice:
+            raise DataError(f"--features names {', '.join(twice)} more than once; name each feature column once, in order")
+        if label in features:  # a group column may be a feature (deployed models often read it); the label may not
+            raise DataError(f"--features includes the label column {label!r}, so the model would be handed the answer; "
+                            "leave it out of --features (or name the real label with --label)")
     spec = _single_spec(specs, "a table")
     try:
         x = table[list(features)].to_numpy(dtype=np.float64)

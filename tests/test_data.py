@@ -161,3 +161,56 @@ def test_an_integer_first_output_is_not_read_as_class_scores():
     assert class_count(model) == 3
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info("logits", TensorProto.INT64, ["N"]))
     assert class_count(model) is None
+
+
+def test_csv_reads_na_and_none_as_group_values_and_only_an_empty_cell_as_missing(tiny_linear, tmp_path):
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"] = tiny_linear["y"]
+    df["region"] = np.where(np.arange(len(df)) % 3 == 0, "NA", np.where(np.arange(len(df)) % 3 == 1, "None", "EU"))
+    df.to_csv(tmp_path / "t.csv", index=False)
+    ds = load_dataset(tmp_path / "t.csv", tiny_linear["model"], "region")
+    assert ds.group_labels == ["region=EU", "region=NA", "region=None"]
+    assert np.bincount(ds.group_ids).tolist() == [(np.arange(len(df)) % 3 == k).sum() for k in (2, 0, 1)]
+    df.loc[5, "region"] = ""
+    df.to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(DataError, match="'region' is missing in 1 of 200 rows"):
+        load_dataset(tmp_path / "e.csv", tiny_linear["model"], "region")
+
+
+def test_features_refuse_the_label_and_repeated_columns_but_not_a_group_column(tiny_linear, tmp_path):
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"] = tiny_linear["y"]
+    df["race"] = tiny_linear["race"]
+    df["flag"] = (tiny_linear["race"] == "A").astype(float)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    m = tiny_linear["model"]
+    with pytest.raises(DataError, match="includes the label column 'label'"):
+        load_dataset(tmp_path / "t.csv", m, "race", features=["a", "b", "c", "label"])
+    with pytest.raises(DataError, match="--features names a more than once"):
+        load_dataset(tmp_path / "t.csv", m, "race", features=["a", "a", "c", "d"])
+    ds = load_dataset(tmp_path / "t.csv", m, "flag", features=["a", "b", "c", "flag"])  # a group may be a feature
+    np.testing.assert_array_equal(ds.inputs["x"][:, 3], df["flag"].to_numpy(np.float32))
+
+
+def test_groups_named_twice_are_refused(tiny_linear):
+    from onnxfair.errors import UsageError
+
+    with pytest.raises(UsageError, match="--groups names race more than once"):
+        load_dataset(tiny_linear["data"], tiny_linear["model"], "race,race")
+
+
+def test_options_the_data_format_would_not_read_are_refused(tiny_linear, tmp_path):
+    from onnxfair.data import ImageOptions
+    from onnxfair.errors import UsageError
+
+    m = tiny_linear["model"]
+    with pytest.raises(UsageError, match="--features names table columns, and .* is an npz"):
+        load_dataset(tiny_linear["data"], m, "race", features=["a", "b", "c", "d"])
+    with pytest.raises(UsageError, match="apply to image manifests, and .* is an npz"):
+        load_dataset(tiny_linear["data"], m, "race", image=ImageOptions(mean=(0.5,)))
+    load_dataset(tiny_linear["data"], m, "race", image=ImageOptions())  # the defaults are never in the way
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"], df["race"] = tiny_linear["y"], tiny_linear["race"]
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(UsageError, match=r"is read as a table \(it has no 'path' column\); drop them"):
+        load_dataset(tmp_path / "t.csv", m, "race", image=ImageOptions(size=(8, 8)))
