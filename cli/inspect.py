@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from cli.options import emit_json, load_model, parse_input_shapes
+from cli.options import emit_json, load_model, parse_input_shapes, progress
 from cli.outputs import check_outputs
+from onnxfair.errors import UsageError
 from onnxfair.inspect import inspect_model
+from onnxfair.prune import unmatched_patterns, unmatched_warning
 
 
 def _format(rep: dict) -> str:
@@ -50,7 +52,13 @@ def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...]
             seed: int, json_out: str | None) -> None:
     """Describe MODEL: inputs/outputs, op counts, parameters, MACs, unsupported ops."""
     check_outputs({"model": model}, {"--json": json_out})
+    if ignore and not show_groups:
+        raise UsageError("--ignore changes only the channel groups that --groups shows; add --groups or drop --ignore")
+    if seed and not verify:
+        raise UsageError("--seed draws the random inputs of --verify; add --verify or drop --seed")
     m = load_model(model)
+    for pattern in unmatched_patterns(m, ignore):
+        progress(unmatched_warning(pattern))
     rep = inspect_model(m, parse_input_shapes(input_shape) or None, verify=verify, groups=show_groups, ignore=ignore, seed=seed)
     rep = {"model": model, **rep}
     if json_out != "-":

@@ -311,9 +311,8 @@ def prune_model(
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
 
     with timer("analyse"):
-        for pattern in _unmatched_patterns(model, cfg.ignore):
-            progress(f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
-                     "onnxfair inspect --groups lists the names")
+        for pattern in unmatched_patterns(model, cfg.ignore):
+            progress(unmatched_warning(pattern))
         if cfg.structured:
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
@@ -461,7 +460,12 @@ def _settings(cfg: PruneConfig) -> dict:
     return d
 
 
-def _unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+def unmatched_warning(pattern: str) -> str:
+    return (f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
+            "onnxfair inspect --groups lists the names")
+
+
+def unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
     """--ignore patterns that name nothing in the graph: most likely a typo, which would prune what was meant
     to be kept."""
     names = [n.name for n in model.graph.node if n.name] + [i.name for i in model.graph.initializer]
