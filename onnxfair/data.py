@@ -293,7 +293,9 @@ def _read_table(p: Path):
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install 'onnxfair[parquet]'") from None
     except Exception as exc:
-        raise DataError(f"cannot read {p.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        kind = "a parquet file" if p.suffix.lower() in (".parquet", ".pq") else "a CSV with a header row and one row per sample"
+        raise DataError(f"cannot read {p.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        f"give {kind}") from None
 
 
 def _single_spec(specs: list[InputSpec], what: str) -> InputSpec:
@@ -410,7 +412,8 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
         except FileNotFoundError:
             raise DataError(f"image {rel} listed in {p.name} not found; paths are relative to the manifest") from None
         except Exception as exc:
-            raise DataError(f"cannot read image {rel} ({type(exc).__name__})") from None
+            raise DataError(f"cannot read image {rel} ({type(exc).__name__}); give a PNG, JPEG or another format "
+                            "Pillow opens, or drop that row from the manifest") from None
         images.append(arr.reshape(size[0], size[1], -1))
     notes = []
     if converted:

@@ -71,6 +71,12 @@ def test_image_manifest(tmp_path):
     want = (np.stack(pix).astype(np.float32) / 255 - 0.5) / 0.25
     np.testing.assert_allclose(ds.inputs["x"], want.transpose(0, 3, 1, 2), atol=1e-6)
     assert ds.group_labels == ["tone=dark", "tone=light"] and ds.y.tolist() == [0, 1, 0, 1, 0]
+    (tmp_path / "im3.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot read image im3.png \(UnidentifiedImageError\); give a PNG, JPEG"):
+        load_dataset(tmp_path / "m.csv", model, "tone")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"cannot read empty.csv \(EmptyDataError: .*\); give a CSV with a header row"):
+        load_dataset(tmp_path / "empty.csv", model, "tone")
 
 
 @pytest.mark.parametrize(
