@@ -93,10 +93,10 @@ def to_tensors(inputs: Mapping[str, np.ndarray], device: torch.device) -> dict[s
 
 def logits_of(mod, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Class scores [N, C]: the model's first output, read as logits (a single binary logit z -> [0, z])."""
-    from onnxfair.interpret.module import batch_output
+    from onnxfair.interpret.module import checked_output
     from onnxfair.losses import as_class_logits
 
-    return as_class_logits(batch_output(mod(**inputs), next(iter(inputs.values())).shape[0])).float()
+    return as_class_logits(checked_output(mod, inputs)).float()
 
 
 def predict_probs(mod, ds: GroupedDataset, batch_size: int = 256) -> np.ndarray:

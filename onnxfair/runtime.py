@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,19 +62,44 @@ class Session:
                 error = None if out.ndim and out.shape[0] == fed else (
                     f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}")
             except Exception as exc:
-                out, error = None, " ".join(str(exc).split())[:400]
+                out, error = None, ort_message(exc)
             if error is not None:
-                if self.batch_dynamic and start == 0 and step != self.declared_batch:
+                if self.batch_dynamic and start == 0 and step != self.declared_batch and self.batch_is_pinned(feed):
                     # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
                     # folds the rows together.
                     _warn_pinned(self.declared_batch)
                     self.batch_dynamic = False
                     step = self.declared_batch
                     continue
-                raise ModelError(f"onnxruntime failed to run the model: {error}")
+                raise ModelError(f"onnxruntime failed to run the model: {error}; {RUN_FIX}")
             outs.append(out[:rows])
             start += step
         return np.concatenate(outs, axis=0)
+
+    def batch_is_pinned(self, feed: dict[str, np.ndarray]) -> bool:
+        """Whether a failure on `feed` comes from its batch size: the first row repeated to the declared batch
+        runs, repeated to the batch of `feed` it fails (so neither the data nor the model itself is the cause)."""
+        def runs(n: int) -> bool:
+            try:
+                out = self.session.run(None, {k: np.repeat(v[:1], n, axis=0) for k, v in feed.items()})[0]
+            except Exception:
+                return False
+            return bool(out.ndim) and out.shape[0] == n
+
+        fed = len(next(iter(feed.values())))
+        return fed != self.declared_batch and runs(self.declared_batch) and not runs(fed)
+
+
+RUN_FIX = "fix the model or the data so that onnxruntime runs it (inputs in the ranges the graph expects)"
+
+
+def ort_message(exc: BaseException) -> str:
+    """An onnxruntime exception as one short line: no status prefix, no C++ source location or signature."""
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+    text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ .*?(?=\S+ (?:[=!<>]=? \S+ )?was false\.)", "", text)
+    text = re.sub(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ",
+                  lambda m: f"{m[1]} node{' ' + repr(m[2]) if m[2] else ''}: ", text)
+    return text[:400]
 
 
 def _warn_pinned(declared: int) -> None:
@@ -92,6 +118,8 @@ def create_session(
     ort = _ort()
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda")
+    if not model.graph.output:
+        raise ModelError("the model has no graph outputs; re-export it with the class scores as its first output")
     m = fix_input_shapes(model, input_shapes or {})
     if dynamic_batch:
         m = make_batch_dynamic(m)
@@ -108,7 +136,9 @@ def create_session(
         providers = ["CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    # Errors come back as exceptions and are reported in one line; onnxruntime's own log would repeat them.
+    opts.log_severity_level = 4
+    ort.set_default_logger_severity(3)
     # Spinning worker threads steal the cores from the other sessions timed in the same interleaved loop
     # (seen: 20-40x skew on 2 cores); without spinning the medians of identical models agree.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -151,12 +181,13 @@ def measure_latency(
             try:
                 s.session.run(None, {k: feed[k] for k in s.input_names})
             except Exception as exc:
-                if s.batch_dynamic and batch != s.declared_batch:  # a hard-coded batch met before any evaluation
+                f = {k: feed[k] for k in s.input_names}
+                if s.batch_dynamic and s.batch_is_pinned(f):  # a hard-coded batch met before any evaluation
                     _warn_pinned(s.declared_batch)
                     s.batch_dynamic = False
                     return measure_latency(sessions, latency_inputs(feed, s.declared_batch), warmup, repeats)
-                raise ModelError(f"onnxruntime failed to time the model at batch {batch}: "
-                                 f"{' '.join(str(exc).split())[:300]}") from None
+                raise ModelError(f"onnxruntime failed to time the model at batch {batch}: {ort_message(exc)}; "
+                                 f"{RUN_FIX}") from None
     for _ in range(repeats):
         for i, s in enumerate(sessions):
             f = {k: feed[k] for k in s.input_names}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from onnxfair.errors import DataError, UsageError
-from onnxfair.interpret.module import batch_output
+from onnxfair.interpret.module import checked_output
 from onnxfair.losses import as_class_logits, loss_fn
 
 __all__ = ["GradStats", "accumulate_gradients", "dense_probabilities", "module_device", "resolve_device"]
@@ -83,7 +83,7 @@ def _tensors(inputs: Mapping[str, np.ndarray], device: torch.device) -> dict[str
 
 
 def _logits(mod: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return as_class_logits(batch_output(mod(**inputs), next(iter(inputs.values())).shape[0]))
+    return as_class_logits(checked_output(mod, inputs))
 
 
 def dense_probabilities(mod: Any, dataset: Any, batch_size: int = 256) -> np.ndarray:

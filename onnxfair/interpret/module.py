@@ -17,6 +17,7 @@ from torch import nn
 
 from onnxfair.errors import ModelError, UnsupportedError, UsageError
 from onnxfair.interpret.compile import Plan, build_plan, refusal_message
+from onnxfair.model import input_specs
 
 
 _GENERATED = "<onnxfair.interpret generated forward>"
@@ -97,6 +98,8 @@ def _generate(plan: Plan) -> tuple[str, list, dict[int, str]]:
 
 
 def _check_output_names(plan: Plan) -> None:
+    if not plan.output_names:
+        raise ModelError("the model has no graph outputs; re-export it with the class scores as its first output")
     produced = set(plan.input_names) | set(plan.params) | set(plan.consts)
     produced |= {o for s in plan.steps for o in s.outputs if o}
     for n in plan.output_names:
@@ -110,6 +113,10 @@ def _rows(args: tuple) -> int | None:
     return None if first is None else int(first.shape[0])
 
 
+def _n_rows(n: int) -> str:
+    return f"{n} row{'' if n == 1 else 's'}"
+
+
 def batch_output(out: Any, rows: int) -> torch.Tensor:
     """The first graph output of a call on `rows` rows, refused when it has not one row per input row (a
     shape hard-coded to batch 1, such as Reshape(x, [1, -1]), folds the whole batch into one row)."""
@@ -118,6 +125,19 @@ def batch_output(out: Any, rows: int) -> torch.Tensor:
         raise ModelError(
             f"the model returned {tuple(out.shape)} for a batch of {rows} rows: a shape in the graph hard-codes the "
             "batch size; re-export the model with a dynamic batch axis")
+    return out
+
+
+def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """`batch_output` of `mod` on `inputs`, refused when gradients are being recorded for weights that cannot
+    reach the output (an ArgMax or Hardmax head): the backward pass would fail with an obscure torch error."""
+    out = batch_output(mod(**inputs), next(iter(inputs.values())).shape[0])
+    if torch.is_grad_enabled() and not out.requires_grad and any(p.requires_grad for p in mod.parameters()):
+        cut = mod.gradient_cut(inputs)
+        raise UnsupportedError(
+            f"the model's first output does not depend differentiably on the weights "
+            f"({'ONNX node ' + cut if cut else 'no weight reaches it'}); re-export the model with its class scores "
+            "(logits or probabilities) as the first output")
     return out
 
 
@@ -138,6 +158,9 @@ class OnnxModule(nn.Module):
             raise UnsupportedError(refusal_message(plan.refusals))
         _check_output_names(plan)
         self.opset = plan.opset
+        # dim 0 the inputs fix (1 when symbolic): a graph that hard-codes its batch runs at this one
+        self._declared_batch = next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)
+                                     and sp.shape[0] > 0), 1)
         self.input_names: list[str] = list(plan.input_names)
         self.output_names: list[str] = list(plan.output_names)
         self._param_names: list[str] = list(plan.params)
@@ -149,6 +172,8 @@ class OnnxModule(nn.Module):
         for i, t in enumerate(plan.consts.values()):
             self._consts.register_buffer(str(i), t, persistent=False)
         self._masks = _Buffers()
+        self._const_names: list[str] = list(plan.consts)
+        self._steps = plan.steps
         src, fns, self._line_nodes = _generate(plan)
         self.code = src
         scope: dict[str, Any] = {}
@@ -187,17 +212,20 @@ class OnnxModule(nn.Module):
             node = self._line_nodes.get(line)
             rows = _rows(args)
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, RuntimeError) and (rows or 1) > 1 and self._batch_is_pinned(P, args, rows):
+            pinned = self._pinned_batch(P, args, rows) if isinstance(exc, RuntimeError) and rows else None
+            if pinned is not None:
                 raise ModelError(
-                    f"the model fails on a batch of {rows} rows (ONNX node {node}: {text}) but runs on one row: a shape "
-                    "in the graph hard-codes the batch size; re-export the model with a dynamic batch axis") from exc
+                    f"the model fails on a batch of {_n_rows(rows)} (ONNX node {node}: {text}) but runs on "
+                    f"{'one row' if pinned == 1 else _n_rows(pinned)}: a shape in the graph hard-codes the batch size; "
+                    "re-export the model with a dynamic batch axis") from exc
             if node is not None and hasattr(exc, "add_note"):
                 exc.add_note(f"while running ONNX node {node}")
             raise
 
-    def _batch_is_pinned(self, P: list, args: tuple, rows: int) -> bool:
-        """Whether a failure on `rows` rows comes from the batch size itself: the graph runs on the first row
-        alone but fails on that row repeated `rows` times (so the data, or memory, are not the cause)."""
+    def _pinned_batch(self, P: list, args: tuple, rows: int) -> int | None:
+        """The batch a failure on `rows` rows is pinned to, if the batch size itself is the cause: the graph runs
+        on the first row repeated to 1 or to the batch the inputs declare, but fails on it repeated `rows` times
+        (so the data, or memory, are not the cause). None otherwise."""
         consts = list(self._consts._buffers.values())
 
         def runs(n: int) -> bool:
@@ -213,9 +241,32 @@ class OnnxModule(nn.Module):
             return True
 
         try:
-            return runs(1) and not runs(rows)
+            batch = next((b for b in dict.fromkeys((1, self._declared_batch)) if b != rows and runs(b)), None)
+            return batch if batch is not None and not runs(rows) else None
         except Exception:  # out of memory while probing: not a pinned batch
-            return False
+            return None
+
+    def gradient_cut(self, inputs: Mapping[str, torch.Tensor]) -> str | None:
+        """The node nearest the first output after which no gradient flows back from it (a value that needs
+        none made from one that does), as "Op 'name'"; None when no weight reaches the output at all."""
+        consts = self._consts._buffers.values()
+        values: dict[str, Any] = {**dict(zip(self._param_names, self._param_values())),
+                                  **dict(zip(self._const_names, consts)),
+                                  **dict(zip(self.input_names, self._bind((), dict(inputs))))}
+        cut: dict[str, str | None] = {}  # value name -> the node that cut its gradient
+        with torch.enable_grad():
+            for s in self._steps:
+                ins = [n for n in s.inputs if n]
+                res = s.fn(*(values[n] if n else None for n in s.inputs))
+                res = res if len(s.outputs) > 1 else (res,)
+                grad_in = any(getattr(values[n], "requires_grad", False) for n in ins)
+                label = f"{s.node.op_type} {s.node.name or s.outputs[0]!r}"
+                for o, r in zip(s.outputs, res):
+                    if o:
+                        values[o] = r
+                        if not getattr(r, "requires_grad", False):
+                            cut[o] = label if grad_in else next((cut[n] for n in ins if cut.get(n)), None)
+        return cut.get(self.output_names[0])
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple:
         if len(args) > len(self.input_names):

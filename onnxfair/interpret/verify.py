@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import torch
 
-from onnxfair.errors import RuntimeUnavailableError, UsageError
+from onnxfair.errors import ModelError, UsageError
 from onnxfair.model import input_dims, input_specs
 
 
@@ -39,19 +39,20 @@ def random_inputs(
 
 def verify(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0) -> dict[str, float]:
     """Largest absolute and relative (to the largest reference magnitude) output difference vs onnxruntime."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise RuntimeUnavailableError("onnxruntime is not installed; pip install 'onnxfair[cpu]'") from None
     from onnxfair.interpret.module import OnnxModule
+    from onnxfair.runtime import create_session, ort_message
 
     feeds = random_inputs(model, input_shapes, seed)
     mod = OnnxModule(model).eval()
     with torch.no_grad():
         out = mod(**{k: torch.from_numpy(v) for k, v in feeds.items()})
     outs = out if isinstance(out, tuple) else (out,)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    refs = sess.run(None, feeds)
+    sess = create_session(model, "cpu", dynamic_batch=False).session  # quiet: failures come back as one line
+    try:
+        refs = sess.run(None, feeds)
+    except Exception as exc:
+        raise ModelError(f"--verify: onnxruntime fails on seeded random inputs ({ort_message(exc)}); fix the model so "
+                         "that onnxruntime runs it, or inspect without --verify") from None
     max_abs, scale = 0.0, 0.0
     for got, ref in zip(outs, refs):
         g = got.detach().cpu()

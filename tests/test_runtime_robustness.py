@@ -1,0 +1,193 @@
+"""Graphs that the gradient paths or onnxruntime cannot run: one line naming the problem and the fix, exit 2."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from cli.main import app
+from onnxfair.errors import ModelError, UnsupportedError
+from onnxfair.interpret import OnnxModule
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _model(nodes, x_type, x_shape, out_shape, inits, opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, x_shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+
+
+def _pinned(w, b, batch: int) -> onnx.ModelProto:
+    """x [batch, F] -> Reshape(x, [batch, F]) -> Gemm: the Reshape constant pins the batch."""
+    c, f = w.shape
+    return _model([helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+                   helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1)],
+                  TensorProto.FLOAT, [batch, f], [batch, c],
+                  [numpy_helper.from_array(np.array([batch, f], np.int64), "shape"),
+                   numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")])
+
+
+def _hardmax(w, b) -> onnx.ModelProto:
+    """A linear model whose head is Hardmax: one-hot, so no gradient reaches the weights."""
+    c, f = w.shape
+    return _model([helper.make_node("Gemm", ["x", "W", "B"], ["z"], transB=1),
+                   helper.make_node("Hardmax", ["z"], ["logits"], axis=1)],
+                  TensorProto.FLOAT, ["N", f], ["N", c],
+                  [numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")])
+
+
+def _embedding(vocab: int = 5) -> onnx.ModelProto:
+    """Token ids [N, 2] -> Gather from a [vocab, 3] table -> ReduceMean: ids outside the table fail in onnxruntime."""
+    table = np.arange(vocab * 3, dtype=np.float32).reshape(vocab, 3)
+    return _model([helper.make_node("Gather", ["E", "x"], ["e"]),
+                   helper.make_node("ReduceMean", ["e"], ["logits"], axes=[1], keepdims=0)],
+                  TensorProto.INT64, ["N", 2], ["N", 3], [numpy_helper.from_array(table, "E")])
+
+
+def _last_line(r) -> str:
+    return r.stderr.strip().splitlines()[-1]
+
+
+PINNED_4 = ("error: the model fails on a batch of {n} rows (ONNX node Reshape 'flat': shape '[4, 4]' is invalid for "
+            "input of size {size}) but runs on 4 rows: a shape in the graph hard-codes the batch size; re-export the "
+            "model with a dynamic batch axis")
+NOT_DIFFERENTIABLE = ("error: the model's first output does not depend differentiably on the weights (ONNX node "
+                      "Hardmax 'logits'); re-export the model with its class scores (logits or probabilities) as the "
+                      "first output")
+
+
+# -- 1. a graph that pins a batch other than 1 ----------------------------------------------------------------------
+
+
+def test_the_interpreter_names_a_batch_pinned_to_4():
+    """The old probe only tried one row, which a graph pinned to 4 also rejects: the raw torch error leaked."""
+    w, b = np.eye(3, 4), np.zeros(3)
+    mod = OnnxModule(_pinned(w, b, 4))
+    assert mod(x=torch.ones(4, 4)).shape == (4, 3)
+    with pytest.raises(ModelError) as err:
+        mod(x=torch.ones(3, 4))
+    assert "error: " + str(err.value) == PINNED_4.format(n=3, size=12)
+
+
+@pytest.mark.parametrize("command", ["prune", "risk"])
+def test_gradient_commands_refuse_a_graph_pinned_to_batch_4(tiny_linear, tmp_path, command):
+    p = tmp_path / "pinned4.onnx"
+    onnx.save(_pinned(tiny_linear["w"], tiny_linear["b"], 4), p)
+    args = [command, p, "--data", tiny_linear["data"], "--groups", "race", "--unstructured", "--sparsity", "0.5"]
+    args += ["--method", "taylor", "-o", tmp_path / "out.onnx", "--no-latency"] if command == "prune" else ["--batch-size", "64"]
+    r = run(*args)
+    assert r.exit_code == 2
+    assert _last_line(r) == PINNED_4.format(n=64, size=256)
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# -- 2. a head that gradients cannot pass ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["prune", "risk"])
+def test_gradient_commands_refuse_a_non_differentiable_head(tiny_linear, tmp_path, command):
+    """Before: torch's "element 0 of tensors does not require grad" traceback and exit 1."""
+    p = tmp_path / "hardmax.onnx"
+    onnx.save(_hardmax(tiny_linear["w"], tiny_linear["b"]), p)
+    args = [command, p, "--data", tiny_linear["data"], "--groups", "race", "--unstructured", "--sparsity", "0.5"]
+    args += ["--method", "taylor", "-o", tmp_path / "out.onnx", "--no-latency"] if command == "prune" else []
+    r = run(*args)
+    assert r.exit_code == 2
+    assert _last_line(r) == NOT_DIFFERENTIABLE
+    assert "Traceback" not in r.stderr
+
+
+def test_fine_tuning_refuses_a_non_differentiable_head_only_when_recording_gradients(tiny_linear):
+    from onnxfair.finetune import logits_of
+
+    mod = OnnxModule(_hardmax(tiny_linear["w"], tiny_linear["b"]))
+    x = {"x": torch.from_numpy(tiny_linear["x"][:5])}
+    with torch.no_grad():
+        assert logits_of(mod, x).sum().item() == 5.0  # one-hot rows: evaluating it is fine
+    with pytest.raises(UnsupportedError) as err:
+        logits_of(mod, x)
+    assert "error: " + str(err.value) == NOT_DIFFERENTIABLE
+
+
+# -- 3. onnxruntime failures that are not a pinned batch ------------------------------------------------------------
+
+
+def _ids_data(tmp_path, ids: np.ndarray):
+    p = tmp_path / "ids.npz"
+    n = len(ids)
+    np.savez(p, x=ids.astype(np.int64), y=np.arange(n) % 3, race=np.array(["A", "B"])[np.arange(n) % 2])
+    return p
+
+
+def test_a_data_failure_is_reported_once_without_the_pinned_batch_warning_or_onnxruntime_logs(tmp_path, capfd):
+    """Before: two onnxruntime log lines, a false "a shape is hard-coded" warning and an error with no fix."""
+    m = tmp_path / "emb.onnx"
+    onnx.save(_embedding(), m)
+    ids = np.zeros((40, 2))
+    ids[0, 1] = 7
+    r = run("evaluate", m, "--data", _ids_data(tmp_path, ids), "--groups", "race", "--no-latency")
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines()[1:] == [
+        "error: onnxruntime failed to run the model: Gather node: indices element out of data bounds, idx=7 must be "
+        "within the inclusive range [-5,4]; fix the model or the data so that onnxruntime runs it (inputs in the "
+        "ranges the graph expects)"]
+    assert "onnxruntime:" not in capfd.readouterr().err
+
+
+def test_a_bad_row_after_the_first_is_not_blamed_on_the_batch(tmp_path):
+    """Row 0 runs alone, so "runs on one row" is not enough: the batch must fail where row 0 repeated runs."""
+    from onnxfair.runtime import create_session
+
+    sess = create_session(_embedding(), "cpu")
+    ids = np.zeros((10, 2), np.int64)
+    ids[6, 0] = 9
+    with pytest.raises(ModelError, match=r"^onnxruntime failed to run the model: Gather node: indices element out "):
+        sess.run({"x": ids})
+    assert sess.batch_dynamic
+
+
+@pytest.mark.parametrize("runner", ["onnxruntime", "interpreter"])
+def test_a_model_without_outputs_is_refused_before_running(runner):
+    """Before: onnxruntime's "At least one output should be requested" after a false pinned-batch warning, and
+    a SyntaxError from the interpreter's generated code."""
+    from onnxfair.runtime import create_session
+
+    m = _embedding()
+    del m.graph.output[:]
+    with pytest.raises(ModelError) as err:
+        create_session(m, "cpu") if runner == "onnxruntime" else OnnxModule(m)
+    assert str(err.value) == "the model has no graph outputs; re-export it with the class scores as its first output"
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_pinned_batch_still_falls_back_quietly(tiny_linear, tmp_path, capfd, batch):
+    """The legitimate fallback: batch 1 warns once (batch 4 is declared, so it needs no probe) and is exact."""
+    p = tmp_path / "pinned.onnx"
+    onnx.save(_pinned(tiny_linear["w"], tiny_linear["b"], batch), p)
+    r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning")]
+    assert warnings == (["warning: model fails on batches other than 1 (a shape is hard-coded); running 1 row at a "
+                         "time"] if batch == 1 else [])
+    assert "onnxruntime:" not in capfd.readouterr().err
+
+
+# -- 4. inspect --verify on a model onnxruntime refuses --------------------------------------------------------------
+
+
+def test_verify_reports_an_onnxruntime_failure_in_one_line(tmp_path):
+    """Float Mod with fmod=0 passes the checker and the interpreter, but onnxruntime refuses to run it."""
+    p = tmp_path / "mod.onnx"
+    onnx.save(_model([helper.make_node("Mod", ["x", "d"], ["logits"], fmod=0)], TensorProto.FLOAT, ["N", 3], ["N", 3],
+                     [numpy_helper.from_array(np.array(0.3, np.float32), "d")]), p)
+    r = run("inspect", p, "--verify")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (
+        "error: --verify: onnxruntime fails on seeded random inputs (Mod node: fmod was false. fmod attribute must "
+        "be true for floating point types); fix the model so that onnxruntime runs it, or inspect without --verify")
