@@ -8,8 +8,9 @@ from cli.options import data_options, emit_json, load_data, load_model, parse_in
 from cli.outputs import check_outputs
 from onnxfair.errors import UsageError
 from onnxfair.evaluate import evaluate_models
+from onnxfair.head import scored_output
 from onnxfair.metrics import degradation
-from onnxfair.model import input_specs
+from onnxfair.model import class_count, input_specs
 from onnxfair.report import format_comparison, format_evaluation
 
 
@@ -28,7 +29,7 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
     ds = load_data(data, m, kw)
     progress(f"evaluating {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     block = evaluate_models([m], ds, device=device, batch_size=batch_size, latency=not no_latency,
-                            latency_batch=latency_batch, input_shapes=shapes)[0]
+                            latency_batch=latency_batch, input_shapes=shapes, names=[model])[0]
     report = {"model": model, "data": data, "groups_by": ds.attributes, **block}
     if json_out != "-":
         click.echo(format_evaluation(block))
@@ -48,15 +49,26 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     check_outputs({"MODEL_A": model_a, "MODEL_B": model_b, "--data": data}, {"--json": json_out})
     a, b = load_model(model_a), load_model(model_b)
     _same_inputs(a, b)
+    _same_classes(*({**(scored_output(m) or {}), "classes": class_count(m)} for m in (a, b)))
     shapes = parse_input_shapes(input_shape)
     ds = load_data(data, a, kw)
     progress(f"comparing {model_a} and {model_b} on {len(ds)} rows")
     ea, eb = evaluate_models([a, b], ds, device=device, batch_size=batch_size, latency=not no_latency,
-                             latency_batch=latency_batch, input_shapes=shapes)
+                             latency_batch=latency_batch, input_shapes=shapes, names=[model_a, model_b])
+    _same_classes(ea["output"], eb["output"])  # the outputs themselves, where the declared shapes did not tell
     deg = degradation(ea, eb)
     if json_out != "-":
         click.echo(format_comparison(ea, eb, deg, "A", "B"))
     emit_json({"a": {"model": model_a, **ea}, "b": {"model": model_b, **eb}, "degradation": deg}, json_out)
+
+
+def _same_classes(oa: dict, ob: dict) -> None:
+    """Per-group deltas between models that score different class sets mean nothing (unknown counts pass)."""
+    ca, cb = oa.get("classes"), ob.get("classes")
+    if ca is not None and cb is not None and ca != cb:
+        raise UsageError(f"MODEL_A's scored (first) output {oa.get('name')!r} has {ca} classes, MODEL_B's "
+                         f"{ob.get('name')!r} {cb}; compare a model with its own pruned version, or re-export so that "
+                         "both put the same class scores first")
 
 
 def _same_inputs(a, b) -> None:

@@ -92,7 +92,10 @@ def emit_json(obj: Any, target: str | None) -> None:
     """--json -: stdout holds only the JSON document; --json PATH: atomic write."""
     if not target:
         return
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    from onnxfair.report import json_safe
+
+    # strict JSON: a NaN or infinite figure is null, never a bare NaN token that parsers reject
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=_jsonable, allow_nan=False) + "\n"
     if target == "-":
         sys.stdout.write(text)
     else:

@@ -5,10 +5,17 @@ second softmax and distort every gradient. A model exported with its activation 
 through its logit view, the same graph with its first output moved to the activation's input; its weights
 are the model's own, so what is learnt on the view is written back into the original graph, activation
 included. Evaluation runs the original with onnxruntime and needs the activation only to read a single
-column: a probability is class 1 above 0.5, a logit above 0.
+column: a probability is class 1 above 0.5, a logit above 0. Exports often reshape after the activation
+(Squeeze, Flatten, Reshape to [batch]); such ops move values without changing them, so the activation is
+found through them as long as each row stays under the batch axis.
+
+An integer first output (class indices from an ArgMax, say) is read as predictions by evaluation; it has
+no gradient, so the commands that need one refuse it (`interpret.module.checked_output`).
 """
 
 from __future__ import annotations
+
+import math
 
 import onnx
 from onnx import helper
@@ -16,36 +23,70 @@ from onnx import helper
 from onnxfair.errors import UnsupportedError
 
 PROBABILITY_OPS = ("Softmax", "Sigmoid")
+SHAPE_OPS = ("Identity", "Squeeze", "Unsqueeze", "Flatten", "Reshape")  # move values, never change one
 
 
-def _final_activation(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The Softmax or Sigmoid that produces the first graph output (through Identity nodes), if any."""
+def _op(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else ""
+
+
+def _keeps_rows(node: onnx.NodeProto, dims: dict) -> bool:
+    """Whether a shape-only op leaves each row's values, in order, under the batch axis: the values per row
+    agree (so dim 0 is the batch on both sides) or, where they are unknown, dim 0 is the same dim."""
+    if node.op_type == "Identity":
+        return True
+    a, b = dims.get(node.input[0]), dims.get(node.output[0])
+    if not a or not b:
+        return False
+    if all(isinstance(d, int) for d in a[1:] + b[1:]):
+        return math.prod(a[1:]) == math.prod(b[1:])
+    return a[0] is not None and a[0] == b[0]
+
+
+def _final_activation(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, dict]:
+    """The Softmax or Sigmoid whose values the first graph output holds (through shape-only ops that keep the
+    rows), if any, with the inferred dims of every tensor."""
     if not model.graph.output:
-        return None
+        return None, {}
+    from onnxfair.graph.shapes import infer, tensor_dims  # late: the graph package is heavy to import
+
+    dims = tensor_dims(infer(model))
     producers = {o: n for n in model.graph.node for o in n.output if o}
     node = producers.get(model.graph.output[0].name)
-    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+    while node is not None and _op(node) in SHAPE_OPS and _keeps_rows(node, dims):
         node = producers.get(node.input[0])
-    if node is None or node.op_type not in PROBABILITY_OPS or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
+    return (node if node is not None and _op(node) in PROBABILITY_OPS else None), dims
 
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def _class_axis(axis: int, shape: tuple | None, flattens: bool) -> bool:
+    """Whether a Softmax over `axis` makes one distribution per row: the axis lies past the batch and every
+    other dim of the row is 1 (unknown dims pass). Before opset 13 Softmax flattens from `axis` on, so only
+    the dims between the batch and it count."""
+    if shape is None:
+        return axis in (1, -1)
+    a = axis + len(shape) if axis < 0 else axis
+    if not 1 <= a < len(shape):
+        return False
+    others = range(1, a) if flattens else [i for i in range(1, len(shape)) if i != a]
+    return all(not isinstance(shape[i], int) or shape[i] == 1 for i in others)
+
+
 def _probability_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
     """The final Softmax/Sigmoid when it turns class logits into probabilities; a Softmax over another axis is
     refused (its outputs are no class scores)."""
-    node = _final_activation(model)
+    node, dims = _final_activation(model)
     if node is not None and node.op_type == "Softmax":
-        default = -1 if _opset(model) >= 13 else 1
-        axis = next((a.i for a in node.attribute if a.name == "axis"), default)
-        rank = len(model.graph.output[0].type.tensor_type.shape.dim) or None
-        if not (axis == 1 or (axis == -1 and rank in (None, 2))):
+        flattens = _opset(model) < 13
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1 if flattens else -1)
+        shape = dims.get(node.input[0])
+        if not _class_axis(axis, shape, flattens):
+            shown = "" if shape is None else f" of {list(shape)}"
             raise UnsupportedError(
-                f"the model's output is a Softmax over axis {axis}, not the class axis of [batch, classes]; "
+                f"the model's output is a Softmax over axis {axis}{shown}, not the class axis of [batch, classes]; "
                 "export the model without its final Softmax (logits)")
     return node
 
@@ -70,3 +111,31 @@ def logit_view(model: onnx.ModelProto) -> onnx.ModelProto:
     del view.graph.output[:]
     view.graph.output.extend([first, *rest])
     return view
+
+
+def _dtype(elem_type: int) -> str | None:
+    return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else None
+
+
+def scored_output(model: onnx.ModelProto) -> dict | None:
+    """The output every command reads (the first), for the reports: name, type, declared shape, and how many
+    outputs the model has. None when it has none."""
+    if not model.graph.output:
+        return None
+    out = model.graph.output[0]
+    t = out.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return {"name": out.name, "dtype": _dtype(t.elem_type),
+            "shape": shape if t.HasField("shape") else None, "outputs": len(model.graph.output)}
+
+
+def several_outputs_note(model: onnx.ModelProto, name: str = "the model") -> str | None:
+    """One line saying which output is scored when there is a choice (an auxiliary head exported first
+    would otherwise be scored silently); None for a single output."""
+    out = scored_output(model)
+    if out is None or out["outputs"] < 2:
+        return None
+    shape = "[" + ", ".join("?" if d is None else str(d) for d in out["shape"] or []) + "]"
+    return (f"{name} has {out['outputs']} outputs; scoring the first, {out['name']!r} {out['dtype']} {shape}, and "
+            f"ignoring {out['outputs'] - 1} other{'s' * (out['outputs'] > 2)}; re-export with the class scores as the "
+            "first output to score them")

@@ -33,10 +33,13 @@ CONVENTIONS = {
 def predictions(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
     """Class index per row: argmax over the non-batch dims (as the losses read logits); a single column is
     class 1 above 0.5 when the graph ends in a Sigmoid (`probabilities`), else a logit above 0. The graph
-    decides, not the values: a logit model whose outputs all fall in [0, 1] is still read at 0."""
+    decides, not the values: a logit model whose outputs all fall in [0, 1] is still read at 0. A single
+    integer column holds the class indices themselves (an ArgMax head)."""
     out = np.asarray(outputs)
     if out.ndim == 1 or int(np.prod(out.shape[1:])) == 1:
         flat = out.reshape(out.shape[0])
+        if out.dtype.kind in "biu":
+            return flat.astype(np.int64)
         return (flat > (0.5 if probabilities else 0.0)).astype(np.int64)
     return out.reshape(out.shape[0], -1).argmax(axis=1).astype(np.int64)
 
@@ -108,7 +111,7 @@ def evaluation_block(
 ) -> dict:
     """Everything metric-related about one model on one dataset (latency is added by the caller)."""
     y_pred = predictions(outputs, probabilities)
-    n_classes = int(max(classes_of(outputs.shape) or 2, y_true.max() + 1))
+    n_classes = int(max(classes_of(outputs.shape) or 2, y_true.max() + 1, y_pred.max(initial=0) + 1))
     binary = n_classes == 2
     table = group_table(y_true, y_pred, group_ids, group_labels, binary)
     return {

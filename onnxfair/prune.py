@@ -418,13 +418,15 @@ def prune_model(
             eval_kw = {"device": cfg.device, "batch_size": 256, "latency_batch": cfg.latency_batch,
                        "input_shapes": cfg.input_shapes or None, "threads": cfg.threads}
             if cache is None or cfg.latency:  # latency interleaves dense and pruned repetitions: both run here
-                bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, phase=timer, **eval_kw)
+                bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, phase=timer,
+                                         names=["the input model", "the pruned model"], **eval_kw)
             else:
                 held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, held_out_seed(cfg))
                 key = ("evaluation", held_rows, cfg.device, shapes_key, cfg.threads)
-                dense_block = cache.get(key, lambda: evaluate_models([model], held, latency=False, **eval_kw)[0])
+                dense_block = cache.get(key, lambda: evaluate_models([model], held, latency=False,
+                                                                     names=["the input model"], **eval_kw)[0])
                 bd = copy.deepcopy(dense_block)
-                (bp,) = evaluate_models([pruned], held, latency=False, **eval_kw)
+                (bp,) = evaluate_models([pruned], held, latency=False, names=["the pruned model"], **eval_kw)
         report["evaluation"] = {"source": eval_source, "n": len(held), "groups_by": held.attributes}
         report["dense"], report["pruned"] = bd, bp
         report["degradation"] = degradation(bd, bp)

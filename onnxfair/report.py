@@ -1,6 +1,26 @@
-"""Human-readable renderings of evaluation and comparison blocks (the JSON blocks are the source)."""
+"""Human-readable renderings of evaluation and comparison blocks (the JSON blocks are the source), and the
+JSON-safe form of a report."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with numpy values as Python ones and every NaN or infinite float as None: JSON has no token for
+    them (json.dumps would write NaN, which strict parsers reject), so reports pass allow_nan=False."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def _pct(v: float | None) -> str:

@@ -38,11 +38,13 @@ import torch
 from onnxfair import settings
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UnsupportedError, UsageError
-from onnxfair.head import logit_view
+from onnxfair.head import logit_view, scored_output, several_outputs_note
 from onnxfair.interpret.device import torch_device
-from onnxfair.interpret.module import batch_output
+from onnxfair.interpret.module import batch_output, checked_output
 from onnxfair.metrics import SMALL_GROUP
 from onnxfair.model import FLOAT_TYPES
+from onnxfair.report import json_safe
+from onnxfair.runtime import warn_once
 
 UNCERTAIN_LOW = 0.1
 UNCERTAIN_HIGH = 0.9
@@ -60,6 +62,7 @@ CONVENTIONS = {
     "removed_weights": "entries the assessed masks set to zero; a structured mask zeroes the consumer columns that "
     "read the removed channels (equivalent for the loss), so this counts those, not the producer rows that "
     "`onnxfair prune` also drops",
+    "non_finite": "a figure that overflows (NaN or infinite, say from a masked model's output) is null",
     "params": "weights: weight operands of Conv/ConvTranspose/Gemm/MatMul plus initializers the mask touches; "
     "all: every float initializer",
 }
@@ -321,7 +324,9 @@ def assess_risk(
             feed = {k: torch.as_tensor(v, device=device) for k, v in inputs.items()}
             yt = torch.as_tensor(y, device=device)
             mod.set_masks(None)
-            out = batch_output(mod(**feed), len(y))
+            out = checked_output(mod, feed)
+            if not bool(torch.isfinite(out).all()):
+                _refuse_nonfinite(mod, ds, cfg.batch_size, device)
             probs = probabilities(out.detach())
             dense_probs = probs if cfg.loss == "pw" else None
             lvec = _loss_vector(out, yt, cfg, dense_probs)
@@ -424,13 +429,28 @@ def risk_report(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """End to end: the magnitude mask at cfg.sparsity, then its per-group risk (see assess_risk)."""
+    """End to end: the magnitude mask at cfg.sparsity, then its per-group risk (see assess_risk), with the
+    scored output named and any figure that overflowed as None (JSON has no NaN)."""
     cfg = cfg or RiskConfig()
     cfg.check()
     say = progress or (lambda _m: None)
     say(f"risk: {'structured' if cfg.structured else 'unstructured'} magnitude mask at sparsity {cfg.sparsity}")
+    note = several_outputs_note(model)
+    if note:
+        warn_once(note)
     dense, masks = magnitude_masks(model, cfg, input_shapes, progress)
-    return assess_risk(dense, ds, masks, cfg, progress)
+    report = assess_risk(dense, ds, masks, cfg, progress)
+    return json_safe({**report, "output": scored_output(model)})
+
+
+def _refuse_nonfinite(mod, ds: GroupedDataset, batch_size: int, device) -> None:
+    """A NaN or infinite dense output makes every figure NaN: refuse, saying in how many rows (one more pass)."""
+    from onnxfair.evaluate import check_finite
+
+    with torch.no_grad():
+        outs = [batch_output(mod(**{k: torch.as_tensor(v, device=device) for k, v in inputs.items()}), len(y))
+                for inputs, y, _ in ds.batches(batch_size)]
+    check_finite(torch.cat([o.reshape(o.shape[0], -1) for o in outs]).double().cpu().numpy())
 
 
 # -------------------------------------------------------------------------------------------- rendering

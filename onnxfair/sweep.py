@@ -32,6 +32,7 @@ from onnxfair.data import GroupedDataset, ImageOptions, load_dataset
 from onnxfair.errors import UsageError
 from onnxfair.model import load_model, save_model_atomic, write_text_atomic
 from onnxfair.prune import METHODS, DenseCache, PruneConfig, prune_model, unused_message
+from onnxfair.report import json_safe
 
 DISPARITIES = ("std_delta", "max_excess_gap", "accuracy_gap")
 
@@ -233,7 +234,7 @@ def prepare_out(plan: SweepPlan) -> None:
 
 def _normalise(obj):
     """What the object reads back as from JSON (tuples become lists), so stored and fresh keys compare."""
-    return json.loads(json.dumps(obj, default=_jsonable))
+    return json.loads(json.dumps(json_safe(obj), default=_jsonable, allow_nan=False))
 
 
 def _jsonable(o):
@@ -338,7 +339,7 @@ def _model_path(plan: SweepPlan, rid: str, pending: bool) -> Path:
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
-    return write_text_atomic(json.dumps(obj, indent=2, default=_jsonable) + "\n", path)
+    return write_text_atomic(json.dumps(json_safe(obj), indent=2, default=_jsonable, allow_nan=False) + "\n", path)
 
 
 def load_finished(plan: SweepPlan, run: Run, key: dict) -> dict | None:

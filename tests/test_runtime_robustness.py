@@ -166,8 +166,11 @@ def test_a_model_without_outputs_is_refused_before_running(runner):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_a_pinned_batch_still_falls_back_quietly(tiny_linear, tmp_path, capfd, batch):
+def test_a_pinned_batch_still_falls_back_quietly(tiny_linear, tmp_path, capfd, monkeypatch, batch):
     """The legitimate fallback: batch 1 warns once (batch 4 is declared, so it needs no probe) and is exact."""
+    from onnxfair import runtime
+
+    monkeypatch.setattr(runtime, "_WARNED", set())  # warnings are once per process: earlier tests may have given it
     p = tmp_path / "pinned.onnx"
     onnx.save(_pinned(tiny_linear["w"], tiny_linear["b"], batch), p)
     r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")

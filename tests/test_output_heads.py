@@ -1,0 +1,301 @@
+"""What the scored output holds and how it is read: activations behind shape-only ops, class-index heads,
+NaN outputs, a Softmax over the last axis of [batch, 1, classes], and models with several outputs.
+
+Oracles: onnxruntime on the same file (a probability above 0.5, the argmax, the indices themselves), and for
+the losses the same network without its activation.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from cli.main import app
+from onnxfair import runtime
+from onnxfair.errors import UnsupportedError
+from onnxfair.head import logit_view, output_activation
+from onnxfair.report import json_safe
+from tests.conftest import FIXTURES, linear_model
+
+MLP = FIXTURES / "adult_mlp.onnx"
+CAL = FIXTURES / "adult_calib.npz"
+
+
+def _then(body: onnx.ModelProto, nodes: list, out: str, shape: list, elem: int = TensorProto.FLOAT,
+          inits: tuple = ()) -> onnx.ModelProto:
+    """`body` with `nodes` appended after its first output; `out` (of `shape`) becomes the first output."""
+    m = onnx.ModelProto()
+    m.CopyFrom(body)
+    m.graph.node.extend(nodes)
+    m.graph.initializer.extend(inits)
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info(out, elem, shape))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _binary_body() -> onnx.ModelProto:
+    """The Adult MLP with one logit column, z = logit_1 - logit_0."""
+    diff = numpy_helper.from_array(np.array([[-1.0], [1.0]], np.float32), "diff")
+    return _then(onnx.load(MLP), [helper.make_node("MatMul", ["logits", "diff"], ["z"])], "z", ["batch", 1], inits=(diff,))
+
+
+def _axes(*axes: int) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(axes, np.int64), "axes")
+
+
+HEADS = {
+    "sigmoid_squeeze": lambda: _then(_binary_body(), [helper.make_node("Sigmoid", ["z"], ["p"]),
+                                                      helper.make_node("Squeeze", ["p", "axes"], ["o"])],
+                                     "o", ["batch"], inits=(_axes(1),)),
+    "sigmoid_flatten": lambda: _then(_binary_body(), [helper.make_node("Sigmoid", ["z"], ["p"]),
+                                                      helper.make_node("Flatten", ["p"], ["o"])], "o", ["batch", 1]),
+    "softmax_flatten": lambda: _then(onnx.load(MLP), [helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+                                                      helper.make_node("Flatten", ["p"], ["o"])], "o", ["batch", 2]),
+    "softmax_reshape": lambda: _then(onnx.load(MLP), [helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+                                                      helper.make_node("Reshape", ["p", "axes"], ["o"])],
+                                     "o", ["batch", 2], inits=(_axes(-1, 2),)),
+    "softmax_unsqueeze_identity": lambda: _then(onnx.load(MLP), [
+        helper.make_node("Softmax", ["logits"], ["p"], axis=-1), helper.make_node("Unsqueeze", ["p", "axes"], ["u"]),
+        helper.make_node("Identity", ["u"], ["o"])], "o", ["batch", 2, 1], inits=(_axes(2),)),
+}
+
+
+def _run(*args, code: int = 0):
+    r = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == code, r.output
+    return r
+
+
+def _json(*args):
+    return json.loads(_run(*args).stdout)
+
+
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _one_error_line(r) -> str:
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    d = tmp_path_factory.mktemp("heads")
+    files = {}
+    for name, build in {**HEADS, "binary_body": _binary_body, "body": lambda: onnx.load(MLP)}.items():
+        files[name] = d / f"{name}.onnx"
+        onnx.save(build(), files[name])
+    return d, files
+
+
+# ------------------------------------------------------------------ 1: activations behind shape-only ops
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_an_activation_behind_shape_ops_is_read_as_probabilities(heads, name):
+    _, files = heads
+    data = np.load(CAL)
+    out = _ort(files[name], data["x"])
+    pred = (out.reshape(-1) > 0.5) if name.startswith("sigmoid") else out.reshape(len(out), -1).argmax(1)
+    rep = _json("evaluate", files[name], "--data", CAL, "--groups", "race", "--no-latency", "--json", "-")
+    assert rep["overall"]["accuracy"] == pytest.approx(float(np.mean(pred == data["y"])))
+    assert rep["output"]["read_as"] == ("Sigmoid" if name.startswith("sigmoid") else "Softmax") + " probabilities"
+    # the logit view outputs the activation's input: the model's output is its activation, row by row
+    view = logit_view(onnx.load(files[name]))
+    z = runtime.create_session(view, "cpu").run({"x": data["x"]})
+    z = z.reshape(len(z), -1)
+    want = 1 / (1 + np.exp(-z)) if name.startswith("sigmoid") else np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(out.reshape(len(out), -1), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, body", [("softmax_flatten", "body"), ("sigmoid_squeeze", "binary_body")])
+def test_risk_takes_the_loss_on_the_logits_behind_shape_ops(heads, name, body):
+    _, files = heads
+    args = ["--data", CAL, "--groups", "race", "--hutchinson-samples", "0", "--json", "-"]
+    a, b = _json("risk", files[name], *args), _json("risk", files[body], *args)
+    for key in ("mean_loss", "grad_norm", "uncertain_share", "accuracy", "measured_loss_change"):
+        assert a["overall"][key] == pytest.approx(b["overall"][key], rel=1e-4, abs=1e-7), key
+
+
+def test_pruning_a_sigmoid_squeeze_model_matches_its_logit_body_and_keeps_the_head(heads):
+    d, files = heads
+    args = ["--data", CAL, "--groups", "race", "--method", "fairgrape", "--unstructured", "--sparsity", "0.5",
+            "--finetune-epochs", "1", "--threads", "1", "--no-latency", "--json", "-"]
+    rep = _json("prune", files["sigmoid_squeeze"], *args, "-o", d / "ss.pruned.onnx")
+    ref = _json("prune", files["binary_body"], *args, "-o", d / "body.pruned.onnx")
+    assert rep["pruned"]["groups"] == ref["pruned"]["groups"]
+    assert rep["dense"]["output"]["name"] == rep["pruned"]["output"]["name"] == "o"
+    pruned = onnx.load(d / "ss.pruned.onnx")
+    assert [n.op_type for n in pruned.graph.node][-2:] == ["Sigmoid", "Squeeze"]
+    assert output_activation(pruned) == "Sigmoid"
+
+
+def test_a_reshape_that_folds_rows_together_is_not_looked_through():
+    body = onnx.load(MLP)
+    folded = _then(body, [helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+                          helper.make_node("Reshape", ["p", "axes"], ["o"])], "o", [None], inits=(_axes(-1),))
+    assert output_activation(folded) is None
+    batch_first = _then(body, [helper.make_node("Softmax", ["logits"], ["p"], axis=1),
+                               helper.make_node("Unsqueeze", ["p", "axes"], ["o"])], "o", [1, "batch", 2],
+                        inits=(_axes(0),))
+    assert output_activation(batch_first) is None
+
+
+# -------------------------------------------------------------------------- 2: class-index (ArgMax) heads
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_an_argmax_head_is_scored_by_its_class_indices(tiny_linear, tmp_path, keepdims):
+    m = _then(tiny_linear["model"], [helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=keepdims)],
+              "cls", ["N", 1][: 1 + keepdims], elem=TensorProto.INT64)
+    p = tmp_path / "argmax.onnx"
+    onnx.save(m, p)
+    x, y, race = tiny_linear["x"], tiny_linear["y"], tiny_linear["race"]
+    pred = _ort(p, x).reshape(-1)
+    rep = _json("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--no-latency", "--json", "-")
+    assert rep["overall"]["accuracy"] == pytest.approx(float(np.mean(pred == y)))
+    for g in np.unique(race):
+        assert rep["groups"][f"race={g}"]["accuracy"] == pytest.approx(float(np.mean(pred[race == g] == y[race == g])))
+    assert not rep["binary"] and rep["output"]["read_as"] == "class indices"
+    np.savez(tmp_path / "self.npz", x=x, y=pred, race=race)  # its own predictions: exactly right
+    rep = _json("evaluate", p, "--data", tmp_path / "self.npz", "--groups", "race", "--no-latency", "--json", "-")
+    assert rep["overall"]["accuracy"] == 1.0
+
+
+def test_risk_refuses_an_argmax_head_in_one_line(tiny_linear, tmp_path):
+    m = _then(tiny_linear["model"], [helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0)],
+              "cls", ["N"], elem=TensorProto.INT64)
+    onnx.save(m, tmp_path / "argmax.onnx")
+    r = CliRunner().invoke(app, ["risk", str(tmp_path / "argmax.onnx"), "--data", str(tiny_linear["data"]),
+                                 "--groups", "race", "--unstructured", "--hutchinson-samples", "0"])
+    assert "class scores" in _one_error_line(r)
+
+
+# ---------------------------------------------------------------------------------- 3: NaN / inf outputs
+
+
+def test_nan_outputs_are_refused_saying_in_how_many_rows(tmp_path):
+    m = _then(onnx.load(MLP), [helper.make_node("Log", ["logits"], ["o"])], "o", ["batch", 2])
+    onnx.save(m, tmp_path / "log.onnx")
+    out = _ort(tmp_path / "log.onnx", np.load(CAL)["x"])
+    bad = int((~np.isfinite(out)).any(1).sum())
+    assert 0 < bad < len(out)
+    common = ["--data", CAL, "--groups", "race"]
+    for args in (["evaluate", tmp_path / "log.onnx", *common, "--no-latency"],
+                 ["compare", MLP, tmp_path / "log.onnx", *common, "--no-latency"],
+                 ["risk", tmp_path / "log.onnx", *common, "--hutchinson-samples", "0", "--json", "-"]):
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        line = _one_error_line(r)
+        assert f"NaN or infinite values in {bad:,} of {len(out):,} rows" in line, line
+        assert "NaN" not in r.stdout
+
+
+def _no_constant(token: str):
+    raise AssertionError(f"the JSON holds a bare {token} token")
+
+
+def test_json_safe_leaves_no_nan_or_infinity_tokens():
+    doc = {"a": float("nan"), "b": [np.float32("inf"), 1.5, None], "c": np.array([1.0, -np.inf]), "d": (np.int64(3),)}
+    text = json.dumps(json_safe(doc), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [None, 1.5, None], "c": [1.0, None], "d": [3]}
+
+
+def test_risk_reports_an_overflowing_masked_loss_as_null(tmp_path):
+    """Dense logits [log x, log 2x] are finite; the mask removes the smaller weight, so class 0's logit is
+    log 0 = -inf and its rows' masked loss is infinite: null in the report, never an Infinity token."""
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["s"], transB=1), helper.make_node("Log", ["s"], ["o"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(np.array([[1.0], [2.0]], np.float32), "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.uniform(1, 2, (40, 1)).astype(np.float32), y=np.arange(40) % 2,
+             grp=np.array(["a", "b"] * 20))
+    r = _run("risk", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--groups", "grp", "--unstructured",
+             "--scope", "layer", "--sparsity", "0.5", "--hutchinson-samples", "0", "--json", "-")
+    rep = json.loads(r.stdout, parse_constant=_no_constant)
+    assert rep["overall"]["measured_loss_change"] is None
+    assert rep["overall"]["mean_loss"] == pytest.approx(0.5 * float(np.log(3.0) + np.log(1.5)), rel=1e-5)  # dense: finite
+
+
+# ------------------------------------------------------------ 4: Softmax over the last axis of [batch, 1, C]
+
+
+def test_a_softmax_over_the_last_axis_of_batch_1_classes_is_read_as_probabilities(heads, tmp_path):
+    _, files = heads
+    m = _then(onnx.load(MLP), [helper.make_node("Unsqueeze", ["logits", "axes"], ["u"]),
+                               helper.make_node("Softmax", ["u"], ["o"], axis=-1)], "o", ["batch", 1, 2],
+              inits=(_axes(1),))
+    onnx.save(m, tmp_path / "b1c.onnx")
+    data = np.load(CAL)
+    pred = _ort(tmp_path / "b1c.onnx", data["x"]).reshape(len(data["y"]), -1).argmax(1)
+    rep = _json("evaluate", tmp_path / "b1c.onnx", "--data", CAL, "--groups", "race", "--no-latency", "--json", "-")
+    assert rep["overall"]["accuracy"] == pytest.approx(float(np.mean(pred == data["y"])))
+    args = ["--data", CAL, "--groups", "race", "--hutchinson-samples", "0", "--json", "-"]
+    a, b = _json("risk", tmp_path / "b1c.onnx", *args), _json("risk", files["body"], *args)
+    assert a["overall"]["mean_loss"] == pytest.approx(b["overall"]["mean_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("opset, axis, ok", [(17, 2, True), (17, -1, True), (17, 1, False), (11, 1, True), (11, -1, True)])
+def test_which_softmax_axis_is_the_class_axis(opset, axis, ok):
+    """[N, 1, 3]: from opset 13 Softmax normalises one axis (axis 1 has one value: every output is 1); before,
+    it flattens from the axis on, so axis 1 normalises each row."""
+    g = helper.make_graph([helper.make_node("Softmax", ["x"], ["o"], axis=axis)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3])],
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["N", 1, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    if ok:
+        assert output_activation(m) == "Softmax"
+    else:
+        with pytest.raises(UnsupportedError, match="not the class axis"):
+            output_activation(m)
+
+
+# --------------------------------------------------------------------------------- 5: several outputs
+
+
+def _aux_first(tiny_linear) -> onnx.ModelProto:
+    """tiny_linear's 3-class logits second, a 5-wide auxiliary head first."""
+    m = onnx.ModelProto()
+    m.CopyFrom(tiny_linear["model"])
+    m.graph.node.append(helper.make_node("Gemm", ["x", "A"], ["aux"], transB=1))
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((5, 4), np.float32), "A"))
+    m.graph.output.insert(0, helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 5]))
+    return m
+
+
+def test_the_scored_output_is_stated_when_there_are_several(tiny_linear, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    p = tmp_path / "aux.onnx"
+    onnx.save(_aux_first(tiny_linear), p)
+    r = _run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--no-latency", "--json", "-")
+    notes = [line for line in r.stderr.splitlines() if "outputs" in line]
+    assert len(notes) == 1 and "'aux' float32 [N, 5]" in notes[0] and "ignoring 1 other" in notes[0], r.stderr
+    assert json.loads(r.stdout)["output"]["name"] == "aux"
+    rep = _json("risk", p, "--data", tiny_linear["data"], "--groups", "race", "--hutchinson-samples", "0",
+                "--sparsity", "0", "--json", "-")
+    assert rep["output"] == {"name": "aux", "dtype": "float32", "shape": ["N", 5], "outputs": 2}
+    single = _json("evaluate", tiny_linear["path"], "--data", tiny_linear["data"], "--groups", "race", "--no-latency",
+                   "--json", "-")
+    assert single["output"]["name"] == "logits" and single["output"]["outputs"] == 1
+
+
+def test_compare_refuses_models_that_score_different_class_counts(tiny_linear, tmp_path):
+    p = tmp_path / "aux.onnx"
+    onnx.save(_aux_first(tiny_linear), p)
+    r = CliRunner().invoke(app, ["compare", str(tiny_linear["path"]), str(p), "--data", str(tiny_linear["data"]),
+                                 "--groups", "race", "--no-latency"])
+    line = _one_error_line(r)
+    assert "'logits' has 3 classes" in line and "'aux' 5" in line, line
+    assert r.stdout == ""
+    same = linear_model(tiny_linear["w"][::-1], tiny_linear["b"][::-1])  # 3 classes too: compared
+    onnx.save(same, tmp_path / "same.onnx")
+    rep = _json("compare", tiny_linear["path"], tmp_path / "same.onnx", "--data", tiny_linear["data"], "--groups", "race",
+                "--no-latency", "--json", "-")
+    assert rep["a"]["output"]["name"] == rep["b"]["output"]["name"] == "logits"
