@@ -168,13 +168,19 @@ def test_an_argmax_head_is_scored_by_its_class_indices(tiny_linear, tmp_path, ke
     assert rep["overall"]["accuracy"] == 1.0
 
 
-def test_risk_refuses_an_argmax_head_in_one_line(tiny_linear, tmp_path):
+def test_gradient_commands_refuse_an_argmax_head_in_one_line(tiny_linear, tmp_path):
     m = _then(tiny_linear["model"], [helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0)],
               "cls", ["N"], elem=TensorProto.INT64)
     onnx.save(m, tmp_path / "argmax.onnx")
-    r = CliRunner().invoke(app, ["risk", str(tmp_path / "argmax.onnx"), "--data", str(tiny_linear["data"]),
-                                 "--groups", "race", "--unstructured", "--hutchinson-samples", "0"])
-    assert "class scores" in _one_error_line(r)
+    data = ["--data", str(tiny_linear["data"]), "--groups", "race"]
+    said = ("error: the model's first output holds int64 values (class indices, say), not class scores; re-export the "
+            "model with its class scores (logits or probabilities) as the first output")
+    r = CliRunner().invoke(app, ["risk", str(tmp_path / "argmax.onnx"), *data, "--unstructured", "--hutchinson-samples", "0"])
+    assert _one_error_line(r) == said
+    # magnitude needs no gradient to score, but fine-tuning does (its validation pass used to crash on the indices)
+    r = CliRunner().invoke(app, ["prune", str(tmp_path / "argmax.onnx"), *data, "--method", "magnitude", "--unstructured",
+                                 "--sparsity", "0.5", "--finetune-epochs", "1", "-o", str(tmp_path / "p.onnx")])
+    assert _one_error_line(r) == said and not (tmp_path / "p.onnx").exists()
 
 
 # ---------------------------------------------------------------------------------- 3: NaN / inf outputs

@@ -132,6 +132,10 @@ def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> tor
     """`batch_output` of `mod` on `inputs`, refused when gradients are being recorded for weights that cannot
     reach the output (an ArgMax or Hardmax head): the backward pass would fail with an obscure torch error."""
     out = batch_output(mod(**inputs), next(iter(inputs.values())).shape[0])
+    if not out.is_floating_point():  # class indices (an ArgMax head): no scores to take a loss on, with or without grad
+        raise UnsupportedError(
+            f"the model's first output holds {str(out.dtype).removeprefix('torch.')} values (class indices, say), not "
+            "class scores; re-export the model with its class scores (logits or probabilities) as the first output")
     if torch.is_grad_enabled() and not out.requires_grad and any(p.requires_grad for p in mod.parameters()):
         cut = mod.gradient_cut(inputs)
         raise UnsupportedError(
