@@ -168,6 +168,10 @@ def check_labels(y: np.ndarray, n_classes: int | None, name: str = "y") -> None:
 def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Check shape and dtype against the model input; cast only lossless-safe numeric kinds."""
     want = "[" + ", ".join(str(d) if isinstance(d, int) else "N" if i == 0 else str(d) for i, d in enumerate(spec.shape)) + "]"
+    if arr.ndim == len(spec.shape) + 1 and tuple(arr.shape[1:]) == tuple(spec.shape):
+        raise DataError(  # no reshape of the data can help: the graph takes one sample
+            f"model input {name!r} takes one sample of shape {list(spec.shape)} with no batch axis, and onnxfair feeds "
+            "rows along dim 0; re-export the model with a leading (dynamic) batch dimension")
     if arr.ndim != len(spec.shape):
         raise DataError(
             f"input {name!r} has shape {list(arr.shape)}, the model expects {want} of {spec.dtype}; reshape the data"

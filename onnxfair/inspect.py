@@ -6,7 +6,7 @@ from collections import Counter
 
 import onnx
 
-from onnxfair.model import input_specs
+from onnxfair.model import fix_input_shapes, input_specs
 
 
 def _io(values) -> list[dict]:
@@ -38,7 +38,7 @@ def inspect_model(
         "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [s for s in _io(model.graph.input) if s["name"] not in inits],
+        "inputs": [s for s in _io(fix_input_shapes(model, input_shapes or {}).graph.input) if s["name"] not in inits],
         "outputs": _io(model.graph.output),
         "nodes": len(model.graph.node),
         "op_counts": dict(sorted(ops.items())),

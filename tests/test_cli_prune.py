@@ -453,3 +453,32 @@ def test_inspect_ignore_warns_on_a_pattern_that_names_nothing_and_needs_groups()
     assert _error(["inspect", MLP, "--ignore", "fc1.*"]) == (
         "error: --ignore changes only the channel groups that --groups shows; add --groups or drop --ignore")
     assert _error(["inspect", MLP, "--seed", "3"]) == "error: --seed draws the random inputs of --verify; add --verify or drop --seed"
+
+
+def _unbatched_mlp() -> onnx.ModelProto:
+    """Gemm on one sample: input [6] (no batch axis), Unsqueeze -> [1, 6] -> Gemm -> Squeeze -> [3]."""
+    w = numpy_helper.from_array(np.arange(18, dtype=np.float32).reshape(3, 6), "W")
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")
+    nodes = [helper.make_node("Unsqueeze", ["x", "axes"], ["x2"]), helper.make_node("Gemm", ["x2", "W"], ["y2"], transB=1),
+             helper.make_node("Squeeze", ["y2", "axes"], ["y"])]
+    g = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [w, axes])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_a_model_without_a_batch_axis_is_named_so(tmp_path):
+    onnx.save(_unbatched_mlp(), tmp_path / "one.onnx")
+    r = run("inspect", tmp_path / "one.onnx", "--json", "-")
+    rep = json.loads(r.stdout)
+    assert rep["macs"] == 18 and rep["macs_batch"] == 1  # its dim 0 holds the 6 features, not a batch of 6
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 6), np.float32), y=np.zeros(4, np.int64), g=np.array(list("abab")))
+    assert _error(["evaluate", tmp_path / "one.onnx", "--data", tmp_path / "d.npz", "--groups", "g"]) == (
+        "error: model input 'x' takes one sample of shape [6] with no batch axis, and onnxfair feeds rows along dim 0; "
+        "re-export the model with a leading (dynamic) batch dimension")
+
+
+def test_inspect_shows_the_inputs_as_input_shape_fixes_them():
+    rep = json.loads(run("inspect", MLP, "--input-shape", "x=3,108", "--json", "-").stdout)
+    assert rep["inputs"] == [{"name": "x", "dtype": "float32", "shape": [3, 108]}]
+    rep = json.loads(run("inspect", MLP, "--json", "-").stdout)
+    assert rep["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 108]}]

@@ -106,8 +106,9 @@ def cost_and_node_macs(model: onnx.ModelProto,
         if macs != 0 or params:
             rows.append({"node": name, "op": node.op_type, "macs": macs, "params": int(params)})
     inits = {i.name for i in g.initializer} | {sp.values.name for sp in g.sparse_initializer}
+    # dim 0 is a batch only on inputs of rank 2 or more: a rank-1 input is one sample (its dim 0 holds features)
     batch = next((vi.type.tensor_type.shape.dim[0].dim_value for vi in fixed.graph.input
-                  if vi.name not in inits and len(vi.type.tensor_type.shape.dim)
+                  if vi.name not in inits and len(vi.type.tensor_type.shape.dim) >= 2
                   and vi.type.tensor_type.shape.dim[0].HasField("dim_value")), 1)
     cost = Cost(macs=int(per_index.sum()), params=int(sum(float_inits.values())), bytes=int(model.ByteSize()),
                 per_node=rows, unknown=unknown, batch=int(batch) or 1)
