@@ -25,3 +25,10 @@ class RuntimeUnavailableError(OnnxfairError):
 
 class UsageError(OnnxfairError):
     """Options that contradict each other or are out of range."""
+
+
+class NoOutputsError(ModelError):
+    """A graph without outputs: nothing to score, whichever runner (onnxruntime or the interpreter) meets it."""
+
+    def __init__(self) -> None:
+        super().__init__("the model has no graph outputs; re-export it with the class scores as its first output")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxfair.errors import ModelError, RuntimeUnavailableError, UsageError
+from onnxfair.errors import ModelError, NoOutputsError, RuntimeUnavailableError, UsageError
 from onnxfair.model import fix_input_shapes, input_specs, make_batch_dynamic
 
 _WARNED: set[str] = set()
@@ -119,7 +119,7 @@ def create_session(
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda")
     if not model.graph.output:
-        raise ModelError("the model has no graph outputs; re-export it with the class scores as its first output")
+        raise NoOutputsError()
     m = fix_input_shapes(model, input_shapes or {})
     if dynamic_batch:
         m = make_batch_dynamic(m)

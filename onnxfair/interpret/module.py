@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from onnxfair.errors import ModelError, UnsupportedError, UsageError
+from onnxfair.errors import ModelError, NoOutputsError, UnsupportedError, UsageError
 from onnxfair.interpret.compile import Plan, build_plan, refusal_message
 from onnxfair.model import input_specs
 
@@ -99,7 +99,7 @@ def _generate(plan: Plan) -> tuple[str, list, dict[int, str]]:
 
 def _check_output_names(plan: Plan) -> None:
     if not plan.output_names:
-        raise ModelError("the model has no graph outputs; re-export it with the class scores as its first output")
+        raise NoOutputsError()
     produced = set(plan.input_names) | set(plan.params) | set(plan.consts)
     produced |= {o for s in plan.steps for o in s.outputs if o}
     for n in plan.output_names:
