@@ -160,6 +160,28 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def declared_batch(model: onnx.ModelProto) -> int:
+    """Dim 0 the inputs fix (1 when symbolic): the batch a graph that hard-codes its batch is first tried at."""
+    return next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)
+                 and sp.shape[0] > 0), 1)
+
+
+def batch_candidates(model: onnx.ModelProto) -> tuple[int, ...]:
+    """Batches a graph may hard-code, most likely first: the declared one, then the leading entry of each
+    constant Reshape shape (a symbolic input followed by Reshape [4, -1] only ever runs 4 rows)."""
+    consts = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    found = [declared_batch(model)]
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and node.input[1] in consts:
+            shape = numpy_helper.to_array(consts[node.input[1]]).reshape(-1)
+            if shape.size and shape[0] > 0:
+                found.append(int(shape[0]))
+    return tuple(dict.fromkeys(found))
+
+
 def classes_of(shape) -> int | None:
     """Classes an output of this shape scores, read as the losses read logits: the product of the dims after
     the batch (one column, or a rank-1 output, is a binary logit: 2); None when one of them is unknown."""

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import ModelError, NoOutputsError, RuntimeUnavailableError, UsageError
-from onnxfair.model import fix_input_shapes, input_specs, make_batch_dynamic
+from onnxfair.model import batch_candidates, fix_input_shapes, input_specs, make_batch_dynamic
 
 _WARNED: set[str] = set()
 
@@ -42,7 +42,8 @@ class Session:
     threads: int
     input_names: list[str]
     batch_dynamic: bool
-    declared_batch: int = 1  # the model's own dim 0 (1 when symbolic): the batch a hard-coded graph runs at
+    declared_batch: int = 1  # the model's own dim 0 (1 when symbolic); once a hard-coded batch is found, that one
+    candidates: tuple[int, ...] = ()  # batches the graph may hard-code (model.batch_candidates)
 
     def run(self, inputs: dict[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
         """First output for all rows, in batches. A graph whose shapes hard-code the batch runs in batches of
@@ -64,11 +65,9 @@ class Session:
             except Exception as exc:
                 out, error = None, ort_message(exc)
             if error is not None:
-                if self.batch_dynamic and start == 0 and step != self.declared_batch and self.batch_is_pinned(feed):
+                if self.batch_dynamic and start == 0 and self.pin_batch(feed):
                     # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
                     # folds the rows together.
-                    _warn_pinned(self.declared_batch)
-                    self.batch_dynamic = False
                     step = self.declared_batch
                     continue
                 raise ModelError(f"onnxruntime failed to run the model: {error}; {RUN_FIX}")
@@ -76,9 +75,10 @@ class Session:
             start += step
         return np.concatenate(outs, axis=0)
 
-    def batch_is_pinned(self, feed: dict[str, np.ndarray]) -> bool:
-        """Whether a failure on `feed` comes from its batch size: the first row repeated to the declared batch
-        runs, repeated to the batch of `feed` it fails (so neither the data nor the model itself is the cause)."""
+    def pin_batch(self, feed: dict[str, np.ndarray]) -> bool:
+        """Whether a failure on `feed` comes from its batch size: the first row repeated to a candidate batch runs,
+        repeated to the batch of `feed` it fails (so neither the data nor the model itself is the cause). If so
+        the session runs that batch from now on (with a warning) and True is returned."""
         def runs(n: int) -> bool:
             try:
                 out = self.session.run(None, {k: np.repeat(v[:1], n, axis=0) for k, v in feed.items()})[0]
@@ -87,7 +87,12 @@ class Session:
             return bool(out.ndim) and out.shape[0] == n
 
         fed = len(next(iter(feed.values())))
-        return fed != self.declared_batch and runs(self.declared_batch) and not runs(fed)
+        pinned = next((b for b in dict.fromkeys((self.declared_batch, *self.candidates)) if b != fed and runs(b)), None)
+        if pinned is None or runs(fed):
+            return False
+        self.declared_batch, self.batch_dynamic = pinned, False
+        _warn_pinned(pinned)
+        return True
 
 
 RUN_FIX = "fix the model or the data so that onnxruntime runs it (inputs in the ranges the graph expects)"
@@ -121,6 +126,7 @@ def create_session(
     if not model.graph.output:
         raise NoOutputsError()
     m = fix_input_shapes(model, input_shapes or {})
+    candidates = batch_candidates(m)
     if dynamic_batch:
         m = make_batch_dynamic(m)
     available = ort.get_available_providers()
@@ -154,7 +160,8 @@ def create_session(
     specs = input_specs(m)
     # a batch still fixed here is one make_batch_dynamic leaves alone (or dynamic_batch=False kept)
     fixed = next((sp.shape[0] for sp in specs if sp.shape and isinstance(sp.shape[0], int) and sp.shape[0] > 0), None)
-    return Session(sess, used, threads or (os.cpu_count() or 1), [sp.name for sp in specs], fixed is None, fixed or 1)
+    return Session(sess, used, threads or (os.cpu_count() or 1), [sp.name for sp in specs], fixed is None, fixed or 1,
+                   candidates)
 
 
 def timing_batch(sessions: list[Session], wanted: int) -> int:
@@ -182,9 +189,7 @@ def measure_latency(
                 s.session.run(None, {k: feed[k] for k in s.input_names})
             except Exception as exc:
                 f = {k: feed[k] for k in s.input_names}
-                if s.batch_dynamic and s.batch_is_pinned(f):  # a hard-coded batch met before any evaluation
-                    _warn_pinned(s.declared_batch)
-                    s.batch_dynamic = False
+                if s.batch_dynamic and s.pin_batch(f):  # a hard-coded batch met before any evaluation
                     return measure_latency(sessions, latency_inputs(feed, s.declared_batch), warmup, repeats)
                 raise ModelError(f"onnxruntime failed to time the model at batch {batch}: {ort_message(exc)}; "
                                  f"{RUN_FIX}") from None

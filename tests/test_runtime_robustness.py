@@ -1,5 +1,7 @@
 """Graphs that the gradient paths or onnxruntime cannot run: one line naming the problem and the fix, exit 2."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -22,12 +24,14 @@ def _model(nodes, x_type, x_shape, out_shape, inits, opset=17) -> onnx.ModelProt
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
 
 
-def _pinned(w, b, batch: int) -> onnx.ModelProto:
-    """x [batch, F] -> Reshape(x, [batch, F]) -> Gemm: the Reshape constant pins the batch."""
+def _pinned(w, b, batch: int, declared: int | str | None = None) -> onnx.ModelProto:
+    """x [declared, F] -> Reshape(x, [batch, F]) -> Gemm: the Reshape constant pins the batch (declared: the
+    input's own dim 0, the pinned batch unless given; "N" declares a dynamic batch the graph does not honour)."""
     c, f = w.shape
+    declared = batch if declared is None else declared
     return _model([helper.make_node("Reshape", ["x", "shape"], ["flat"]),
                    helper.make_node("Gemm", ["flat", "W", "B"], ["logits"], transB=1)],
-                  TensorProto.FLOAT, [batch, f], [batch, c],
+                  TensorProto.FLOAT, [declared, f], [declared, c],
                   [numpy_helper.from_array(np.array([batch, f], np.int64), "shape"),
                    numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B")])
 
@@ -74,10 +78,22 @@ def test_the_interpreter_names_a_batch_pinned_to_4():
     assert "error: " + str(err.value) == PINNED_4.format(n=3, size=12)
 
 
+def test_the_interpreter_names_a_batch_pinned_to_4_behind_a_symbolic_input():
+    """The input says any batch, a Reshape constant says 4: the probe reads the batch from the Reshape (before:
+    torch's own "shape '[4, 4]' is invalid" traceback)."""
+    w, b = np.eye(3, 4), np.zeros(3)
+    mod = OnnxModule(_pinned(w, b, 4, declared="N"))
+    assert mod(x=torch.ones(4, 4)).shape == (4, 3)
+    with pytest.raises(ModelError) as err:
+        mod(x=torch.ones(3, 4))
+    assert "error: " + str(err.value) == PINNED_4.format(n=3, size=12)
+
+
+@pytest.mark.parametrize("declared", [4, "N"])
 @pytest.mark.parametrize("command", ["prune", "risk"])
-def test_gradient_commands_refuse_a_graph_pinned_to_batch_4(tiny_linear, tmp_path, command):
+def test_gradient_commands_refuse_a_graph_pinned_to_batch_4(tiny_linear, tmp_path, command, declared):
     p = tmp_path / "pinned4.onnx"
-    onnx.save(_pinned(tiny_linear["w"], tiny_linear["b"], 4), p)
+    onnx.save(_pinned(tiny_linear["w"], tiny_linear["b"], 4, declared), p)
     args = [command, p, "--data", tiny_linear["data"], "--groups", "race", "--unstructured", "--sparsity", "0.5"]
     args += ["--method", "taylor", "-o", tmp_path / "out.onnx", "--no-latency"] if command == "prune" else ["--batch-size", "64"]
     r = run(*args)
@@ -179,6 +195,25 @@ def test_a_pinned_batch_still_falls_back_quietly(tiny_linear, tmp_path, capfd, m
     assert warnings == (["warning: model fails on batches other than 1 (a shape is hard-coded); running 1 row at a "
                          "time"] if batch == 1 else [])
     assert "onnxruntime:" not in capfd.readouterr().err
+
+
+def test_onnxruntime_runs_a_symbolic_input_at_the_batch_a_reshape_pins(tiny_linear, tmp_path, monkeypatch):
+    """Before: "onnxruntime failed to run the model" (only the declared batch, 1, was tried). The rows run 4 at a
+    time, the last batch padded, and the predictions are the plain linear model's (Reshape [4, 4] is then a no-op)."""
+    from onnxfair import runtime
+
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    p = tmp_path / "pinned.onnx"
+    w, b = tiny_linear["w"], tiny_linear["b"]
+    onnx.save(_pinned(w, b, 4, declared="N"), p)
+    r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency",
+            "--batch-size", "64")
+    assert r.exit_code == 0, r.output
+    assert [line for line in r.stderr.splitlines() if line.startswith("warning")] == [
+        "warning: model fails on batches other than 4 (a shape is hard-coded); running 4 rows at a time"]
+    report = json.loads(r.stdout)
+    logits = tiny_linear["x"].astype(np.float64) @ w.T + b
+    assert report["overall"]["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == tiny_linear["y"]), abs=1e-12)
 
 
 # -- 4. inspect --verify on a model onnxruntime refuses --------------------------------------------------------------

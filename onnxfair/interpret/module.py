@@ -17,7 +17,7 @@ from torch import nn
 
 from onnxfair.errors import ModelError, NoOutputsError, UnsupportedError, UsageError
 from onnxfair.interpret.compile import Plan, build_plan, refusal_message
-from onnxfair.model import input_specs
+from onnxfair.model import batch_candidates
 
 
 _GENERATED = "<onnxfair.interpret generated forward>"
@@ -162,9 +162,8 @@ class OnnxModule(nn.Module):
             raise UnsupportedError(refusal_message(plan.refusals))
         _check_output_names(plan)
         self.opset = plan.opset
-        # dim 0 the inputs fix (1 when symbolic): a graph that hard-codes its batch runs at this one
-        self._declared_batch = next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)
-                                     and sp.shape[0] > 0), 1)
+        # batches a graph that hard-codes its batch may run at, the declared one first
+        self._batch_candidates = (1, *batch_candidates(model))
         self.input_names: list[str] = list(plan.input_names)
         self.output_names: list[str] = list(plan.output_names)
         self._param_names: list[str] = list(plan.params)
@@ -228,8 +227,8 @@ class OnnxModule(nn.Module):
 
     def _pinned_batch(self, P: list, args: tuple, rows: int) -> int | None:
         """The batch a failure on `rows` rows is pinned to, if the batch size itself is the cause: the graph runs
-        on the first row repeated to 1 or to the batch the inputs declare, but fails on it repeated `rows` times
-        (so the data, or memory, are not the cause). None otherwise."""
+        on the first row repeated to 1, to the batch the inputs declare or to one a Reshape constant names, but
+        fails on it repeated `rows` times (so the data, or memory, are not the cause). None otherwise."""
         consts = list(self._consts._buffers.values())
 
         def runs(n: int) -> bool:
@@ -245,7 +244,7 @@ class OnnxModule(nn.Module):
             return True
 
         try:
-            batch = next((b for b in dict.fromkeys((1, self._declared_batch)) if b != rows and runs(b)), None)
+            batch = next((b for b in dict.fromkeys(self._batch_candidates) if b != rows and runs(b)), None)
             return batch if batch is not None and not runs(rows) else None
         except Exception:  # out of memory while probing: not a pinned batch
             return None
