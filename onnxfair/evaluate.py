@@ -44,7 +44,7 @@ def evaluate_models(
         out = s.run(ds.inputs, batch_size)
         if out.shape[0] != len(ds):
             raise DataError(f"the model returned {out.shape[0]} rows for {len(ds)} inputs; is the batch axis first?")
-        check_finite(out, name)
+        check_scores(out, name)
         check_labels(ds.y, classes_of(out.shape) if out.dtype.kind == "f" else None)
         activation = output_activation(m)
         block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels, activation is not None)
@@ -60,8 +60,14 @@ def evaluate_models(
     return blocks
 
 
-def check_finite(out: np.ndarray, name: str = "the model") -> None:
-    """NaN or infinite scores have no class: argmax or a threshold would still pick one, silently."""
+def check_scores(out: np.ndarray, name: str = "the model") -> None:
+    """Refuse outputs no class can be read from faithfully: NaN or infinite scores (argmax or a threshold would
+    still pick one, silently), and integers in several columns per row (TopK indices, say: argmax over them
+    would pick a position, not a class)."""
+    if out.dtype.kind in "biu" and out.ndim > 1 and int(np.prod(out.shape[1:])) > 1:
+        raise ModelError(f"{name}'s first output holds {out.dtype} values in {int(np.prod(out.shape[1:]))} columns per "
+                         "row; onnxfair reads an integer output as one class index per row: re-export the model with "
+                         "its class scores (logits or probabilities) or one class index per row as the first output")
     if out.dtype.kind != "f":
         return
     bad = int((~np.isfinite(out.reshape(out.shape[0], -1))).any(axis=1).sum())

@@ -445,12 +445,12 @@ def risk_report(
 
 def _refuse_nonfinite(mod, ds: GroupedDataset, batch_size: int, device) -> None:
     """A NaN or infinite dense output makes every figure NaN: refuse, saying in how many rows (one more pass)."""
-    from onnxfair.evaluate import check_finite
+    from onnxfair.evaluate import check_scores
 
     with torch.no_grad():
         outs = [batch_output(mod(**{k: torch.as_tensor(v, device=device) for k, v in inputs.items()}), len(y))
                 for inputs, y, _ in ds.batches(batch_size)]
-    check_finite(torch.cat([o.reshape(o.shape[0], -1) for o in outs]).double().cpu().numpy())
+    check_scores(torch.cat([o.reshape(o.shape[0], -1) for o in outs]).double().cpu().numpy())
 
 
 # -------------------------------------------------------------------------------------------- rendering

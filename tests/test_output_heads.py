@@ -168,6 +168,25 @@ def test_an_argmax_head_is_scored_by_its_class_indices(tiny_linear, tmp_path, ke
     assert rep["overall"]["accuracy"] == 1.0
 
 
+def test_integer_outputs_in_several_columns_are_refused_not_argmaxed(tiny_linear, tmp_path):
+    """TopK's indices [N, 2]: argmax over them picked the position of the larger class index (exit 0, accuracy
+    about 0.4 for a model whose top-1 accuracy is 0.8). Refused for evaluate and compare alike."""
+    k = numpy_helper.from_array(np.array([2], np.int64), "k")
+    m = _then(tiny_linear["model"], [helper.make_node("TopK", ["logits", "k"], ["vals", "idx"], axis=1)],
+              "idx", ["N", 2], elem=TensorProto.INT64, inits=(k,))
+    m.graph.output.append(helper.make_tensor_value_info("vals", TensorProto.FLOAT, ["N", 2]))
+    p = tmp_path / "topk.onnx"
+    onnx.save(m, p)
+    idx = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["idx"], {"x": tiny_linear["x"]})[0]
+    assert (idx.argmax(1) != idx[:, 0]).any()  # argmax over the indices is not the top-1 class
+    data = ["--data", tiny_linear["data"], "--groups", "race", "--no-latency"]
+    said = ("error: {}'s first output holds int64 values in 2 columns per row; onnxfair reads an integer output as one "
+            "class index per row: re-export the model with its class scores (logits or probabilities) or one class "
+            "index per row as the first output")
+    assert _one_error_line(_run("evaluate", p, *data, code=2)) == said.format(p)
+    assert _one_error_line(_run("compare", tiny_linear["path"], p, *data, code=2)) == said.format(p)
+
+
 def test_gradient_commands_refuse_an_argmax_head_in_one_line(tiny_linear, tmp_path):
     m = _then(tiny_linear["model"], [helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0)],
               "cls", ["N"], elem=TensorProto.INT64)
