@@ -22,6 +22,8 @@ import onnx
 from onnxfair import __version__, settings
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UsageError
+from onnxfair.head import several_outputs_note
+from onnxfair.runtime import warn_once
 
 GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
@@ -311,6 +313,9 @@ def prune_model(
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
 
     with timer("analyse"):
+        note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
+        if note:
+            warn_once(note)
         for pattern in unmatched_patterns(model, cfg.ignore):
             progress(unmatched_warning(pattern))
         if cfg.structured:

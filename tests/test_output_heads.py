@@ -311,6 +311,19 @@ def test_the_scored_output_is_stated_when_there_are_several(tiny_linear, tmp_pat
     assert single["output"]["name"] == "logits" and single["output"]["outputs"] == 1
 
 
+def test_prune_states_the_scored_output_before_scoring_it(tiny_linear, tmp_path, monkeypatch):
+    """Before: the line came at the evaluation step, after the scoring had already read the auxiliary head."""
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    p = tmp_path / "aux.onnx"
+    onnx.save(_aux_first(tiny_linear), p)
+    r = _run("prune", p, "--data", tiny_linear["data"], "--groups", "race", "--method", "taylor", "--unstructured",
+             "--sparsity", "0.5", "-o", tmp_path / "out.onnx", "--no-latency")
+    lines = r.stderr.splitlines()
+    notes = [i for i, line in enumerate(lines) if "has 2 outputs" in line]
+    assert len(notes) == 1 and "'aux' float32 [N, 5]" in lines[notes[0]], r.stderr
+    assert notes[0] < lines.index("[score+select] ...")
+
+
 def test_compare_refuses_models_that_score_different_class_counts(tiny_linear, tmp_path):
     p = tmp_path / "aux.onnx"
     onnx.save(_aux_first(tiny_linear), p)
