@@ -15,8 +15,8 @@ from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
 from onnxfair.prune import PruneConfig
 from onnxfair.sweep import (
-    DISPARITIES, OUTPUT_FILES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, format_rows,
-    parse_list, run_sweep, sweep_summary, write_results,
+    DISPARITIES, OUTPUT_FILES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, foreign_models,
+    format_rows, parse_list, run_sweep, sweep_summary, write_results,
 )
 
 # Prune settings passed through unchanged. Their options are copied from `onnxfair prune` itself, so names,
@@ -116,6 +116,10 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         if name[:-len(".png")] not in images and stale.is_file():
             stale.unlink()
             progress(f"removed {stale}: an earlier sweep's plot, which this one does not draw")
+    others = foreign_models(plan, result)
+    if others:
+        progress(f"note: {others[0].parent} also holds {len(others)} model file{'s' * (len(others) > 1)} this sweep "
+                 f"did not keep (an earlier sweep's, e.g. {others[0].name}); results.json names this sweep's models")
     from onnxfair.plots import html_report
 
     html_path = html_report(summary, Path(out) / "report.html", images)

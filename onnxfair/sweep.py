@@ -220,6 +220,14 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
             raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
 
 
+def foreign_models(plan: SweepPlan, result: SweepResult) -> list[Path]:
+    """Model files in --out's models folder that this sweep did not keep (an earlier sweep's, with another grid
+    or with --keep-models when this one has none): left in place, but a reader must not take them for its own."""
+    folder = Path(plan.out) / "models"
+    ours = {_model_path(plan, rid, pending=False) for rid in result.reports} if plan.keep_models else set()
+    return sorted(p for p in folder.glob("*.onnx") if p not in ours) if folder.is_dir() else []
+
+
 def prepare_out(plan: SweepPlan) -> None:
     """Create --out and the folders the runs write to; a failure is one line (UsageError), not a traceback."""
     for folder in [Path(plan.out), *_folders(plan).values()]:

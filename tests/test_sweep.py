@@ -289,6 +289,22 @@ def test_report_is_self_contained_with_valid_pngs(mlp, tmp_path, counting):
     onnx.checker.check_model(onnx.load(out / "models" / f"{rec}.onnx"))
 
 
+def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp_path, counting):
+    """Kept models stay (nothing the user may want is deleted), but a sweep that did not write them says so."""
+    out = tmp_path / "sw"
+    assert run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models")).exit_code == 0
+    assert len(list((out / "models").glob("*.onnx"))) == 4
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models"))  # the same grid: all its own
+    assert r.exit_code == 0 and "did not keep" not in r.stderr
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models", "--sparsities", "0.3"))
+    assert r.exit_code == 0
+    assert (f"note: {out / 'models'} also holds 2 model files this sweep did not keep (an earlier sweep's, e.g. "
+            "magnitude-s0.60-seed0.onnx); results.json names this sweep's models") in r.stderr.splitlines()
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency"))
+    assert r.exit_code == 0 and "holds 4 model files this sweep did not keep" in r.stderr
+    assert len(list((out / "models").glob("*.onnx"))) == 4
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--methods", "magnitude,prunezilla"], "unknown method 'prunezilla'"),
     (["--sparsities", "0.5,1.5"], "sparsity 1.5 in --sparsities is outside (0, 1)"),
