@@ -7,6 +7,7 @@ import click
 from cli.options import emit_json, load_model, parse_input_shapes, progress
 from cli.outputs import check_outputs
 from onnxfair.errors import UsageError
+from onnxfair.graph.cost import uncounted_note
 from onnxfair.inspect import inspect_model
 from onnxfair.prune import unmatched_patterns, unmatched_warning
 
@@ -19,6 +20,9 @@ def _format(rep: dict) -> str:
     lines.append(f"nodes {rep['nodes']}: " + ", ".join(f"{op} {n}" for op, n in rep["op_counts"].items()))
     if rep.get("macs") is not None:
         lines.append(f"parameters {rep['parameters']:,}   MACs {rep['macs']:,} (batch {rep.get('macs_batch', 1)})   bytes {rep['bytes']:,}")
+        note = uncounted_note(rep.get("macs_uncounted", []))
+        if note:
+            lines.append(f"note: {note}")
     lines.append("unsupported ops: " + (", ".join(rep["unsupported_ops"]) or "none"))
     if "verify" in rep:
         v = rep["verify"]

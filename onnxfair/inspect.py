@@ -46,7 +46,8 @@ def inspect_model(
     }
     try:
         cost = model_cost(model, input_shapes)
-        report.update(parameters=cost.params, macs=cost.macs, macs_batch=cost.batch, bytes=cost.bytes)
+        report.update(parameters=cost.params, macs=cost.macs, macs_batch=cost.batch, bytes=cost.bytes,
+                      macs_uncounted=cost.unknown)
     except UnsupportedError as exc:
         report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
     if verify:

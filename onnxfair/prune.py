@@ -300,6 +300,7 @@ def prune_model(
     """
     from onnxfair.evaluate import evaluate_models
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels
+    from onnxfair.graph.cost import uncounted_note
 
     cfg.validate(has_data=calib is not None)
     timer = _Timer(progress)
@@ -399,7 +400,11 @@ def prune_model(
             "macs_dense": cd.macs, "macs_pruned": cp.macs, "params_dense": cd.params, "params_pruned": cp.params,
             "bytes_dense": cd.bytes, "bytes_pruned": cp.bytes,
             "macs_ratio": cp.macs / max(cd.macs, 1), "params_ratio": cp.params / max(cd.params, 1),
+            "macs_uncounted": sorted(set(cd.unknown) | set(cp.unknown)),
         }
+        note = uncounted_note(cost["macs_uncounted"])
+        if note:
+            progress(f"warning: {note}")
         if not cfg.structured:
             nonzero = cp.params - structure["weights"]["zeroed"]
             cost["params_nonzero_pruned"] = int(nonzero)

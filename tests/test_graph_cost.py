@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
+from cli.main import app
 from onnxfair.errors import UsageError
 from onnxfair.graph import model_cost
 from tests.test_graph_support import GraphBuilder
@@ -97,3 +101,59 @@ def test_a_model_that_fixes_its_batch_is_counted_at_that_batch_and_says_so():
     one, two = model_cost(linear_model(w, b)), model_cost(linear_model(w, b, batch=2))
     assert (one.macs, one.batch) == (12, 1)
     assert (two.macs, two.batch) == (24, 2)
+
+
+def _const_node(name: str, arr: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr))
+
+
+def test_constant_node_weights_and_constant_slice_bounds_are_counted():
+    """As torch exports `x[:, 4:12]` (bounds from Constant -> Unsqueeze) and a weight held in a Constant node:
+    before, the second Conv's MACs were dropped (the Slice's output shape was unknown) and its weight was not a
+    parameter, while the pruned rewrite (which folds both) counted them."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(16, 3, 3, 3)).astype(np.float32), "w1")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+        _const_node("start0", np.array(4, np.int64)), _const_node("end0", np.array(12, np.int64)),
+        _const_node("zero", np.array([0], np.int64)),
+        helper.make_node("Unsqueeze", ["start0", "zero"], ["start"]),
+        helper.make_node("Unsqueeze", ["end0", "zero"], ["end"]),
+        _const_node("axes", np.array([1], np.int64)),
+        helper.make_node("Slice", ["y", "start", "end", "axes"], ["s"]),
+        _const_node("w2", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
+        helper.make_node("Conv", ["s", "w2"], ["out"], pads=[1, 1, 1, 1], name="c2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])], [w1])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(m)
+    c = model_cost(m)
+    assert c.macs == 16 * 64 * 27 + 4 * 64 * 72 == 46080
+    assert c.params == 16 * 27 + 4 * 72
+    assert c.unknown == [] and c.bytes == m.ByteSize()
+
+
+def test_nodes_whose_macs_cannot_be_counted_are_named(tmp_path):
+    """A data-dependent width (Compress) leaves the MatMul after it uncounted: said, not silently zero."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="m1"),
+             helper.make_node("ReduceMax", ["h"], ["top"], axes=[0], keepdims=0),
+             helper.make_node("Greater", ["top", "x0"], ["keep"]),
+             helper.make_node("Compress", ["h", "keep"], ["c"], axis=1),
+             helper.make_node("Slice", ["w2", "s0", "s1"], ["w2c"]),
+             helper.make_node("MatMul", ["c", "w2c"], ["logits"], name="mm")]
+    inits += [numpy_helper.from_array(np.zeros(1, np.float32), "x0"),
+              numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([8], np.int64), "s1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    c = model_cost(m)
+    assert c.unknown == ["mm"] and c.macs == 4 * 8
+    onnx.save(m, tmp_path / "compress.onnx")
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "compress.onnx")])
+    assert r.exit_code == 0, r.output
+    assert ("note: the MACs of 1 node (mm) could not be counted: their shapes are unknown (data-dependent, say); the "
+            "MACs figures leave them out") in r.output.splitlines()

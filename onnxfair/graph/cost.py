@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from onnxfair.graph import shapes as shp
+from onnxfair.graph.fold import fold_constants
 from onnxfair.model import FLOAT_TYPES
 
 
@@ -70,6 +71,15 @@ def node_macs(node: onnx.NodeProto, dims: dict[str, shp.Dims]) -> int | None:
     return 0
 
 
+def uncounted_note(nodes: list[str]) -> str | None:
+    """One line naming the nodes whose MACs could not be counted (their shapes stay unknown), or None."""
+    if not nodes:
+        return None
+    shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+    return (f"the MACs of {len(nodes)} node{'s' * (len(nodes) > 1)} ({shown}) could not be counted: their shapes "
+            "are unknown (data-dependent, say); the MACs figures leave them out")
+
+
 def model_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Cost:
     """Cost at batch 1 (at the model's own batch when its inputs fix one); a symbolic non-batch input dim
     without input_shapes is a UsageError."""
@@ -78,11 +88,17 @@ def model_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] 
 
 def cost_and_node_macs(model: onnx.ModelProto,
                        input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[Cost, np.ndarray]:
-    """The Cost and the MACs of every main-graph node in node order (0 where not counted/unknown)."""
-    fixed = shp.set_input_dims(model, input_shapes, batch=1, require_static=True)
+    """The Cost and the MACs of every main-graph node in node order (0 where not counted/unknown).
+
+    Counted on the model with its constant-only subgraphs folded, as the rewrite writes it: a weight held in a
+    Constant node counts as a parameter, and Slice bounds computed from constants give static shapes (without
+    folding the dense model was counted short of its pruned rewrite). The node order is the folded model's,
+    the input's own when it is already folded (as channel analysis's model is)."""
+    folded = fold_constants(model)
+    fixed = shp.set_input_dims(folded, input_shapes, batch=1, require_static=True)
     del fixed.graph.value_info[:]
     dims = shp.static_dims(fixed)
-    g = model.graph
+    g = folded.graph
     float_inits = {i.name: prod(i.dims) for i in g.initializer if i.data_type in FLOAT_TYPES}
     for sp in g.sparse_initializer:
         if sp.values.data_type in FLOAT_TYPES:
