@@ -499,3 +499,17 @@ def test_recurrent_layer_freezes_its_input():
     m = b.model([("x", ["N", 6])], [y], opset=13)
     an = analyze(m)
     assert an.groups == [] and "op LSTM" in _reasons(an)
+
+
+def test_a_flatten_that_interleaves_channels_is_declined_for_that_reason():
+    """Conv -> Reshape [N, 16, 64] -> MatMul [64, 4]: the MatMul's 4 channels are the innermost axis, so Flatten
+    interleaves them with the 16 before them. All shapes are static: the reason used to ask for --input-shape."""
+    b = GraphBuilder()
+    c = b.op("Relu", [b.conv("x", 3, 16)])
+    r = b.op("Reshape", [c, b.const(np.array([0, 16, 64], np.int64))])
+    m = b.op("Relu", [b.op("MatMul", [r, b.rand(64, 4)])])
+    y = b.op("Gemm", [b.op("Flatten", [m], axis=1), b.rand(3, 64)], transB=1)
+    an = analyze(b.model([("x", ["N", 3, 8, 8])], [y]))
+    assert ("interleaves the channels with the axes flattened before them (channels are not the first flattened "
+            "axis)") in _reasons(an)
+    assert "--input-shape" not in _reasons(an)

@@ -793,9 +793,17 @@ def r_flatten(w: Walker, idx: int, node: onnx.NodeProto) -> None:
         dout = (None, prod(din[k:]))
     m = _reshape_map(w, tc, din, dout) if tc.axis >= k else None
     if m is None or m[0] != 1:
-        w.freeze_tc(tc, f"Flatten {w.label(idx)} needs static sizes after the channel axis (pass --input-shape)")
+        w.freeze_tc(tc, f"Flatten {w.label(idx)} {_flatten_why(tc, din, k)}")
         return
     w.set_out(node.output[0], TensorChan(1, m[1], 2))
+
+
+def _flatten_why(tc: TensorChan, din, k: int) -> str:
+    if din is None or not all(isinstance(x, int) for x in din[tc.axis + 1:]):
+        return "needs static sizes after the channel axis (pass --input-shape)"
+    if tc.axis < k:
+        return "merges the channel axis into the batch axis"
+    return "interleaves the channels with the axes flattened before them (channels are not the first flattened axis)"
 
 
 @rule("Reshape")
