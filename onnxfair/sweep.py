@@ -326,14 +326,17 @@ def _execute(run: Run, key: dict) -> tuple[str, dict, float]:
     result = prune_model(_STATE["model"], _STATE["calib"], _STATE["eval_ds"], cfg, cache=_STATE.get("cache"))
     report = result.report
     model_path = _model_path(plan, run.run_id, pending=run.cfg.latency and not plan.keep_models)
+    written = None
     if plan.keep_models or run.cfg.latency:
         save_model_atomic(result.model, model_path, protect=[plan.model])
+        written = file_sha256(model_path)  # ties the file to this report: a resume reuses only this file
     report["input"] = {"model": plan.model, "data": plan.data.data, "eval_data": plan.data.eval_data,
                        "output": str(model_path) if plan.keep_models else None}
     import torch
 
     report["sweep"] = {"run_id": run.run_id, "key": key, "latency": "pending" if run.cfg.latency else "off",
-                       "threads": {"torch": torch.get_num_threads(), "onnxruntime": cfg.threads or "default"}}
+                       "threads": {"torch": torch.get_num_threads(), "onnxruntime": cfg.threads or "default"},
+                       "model_sha256": written}
     write_json_atomic(report, _run_path(plan, run.run_id))
     return run.run_id, report, time.perf_counter() - t0
 
@@ -364,17 +367,24 @@ def load_finished(plan: SweepPlan, run: Run, key: dict) -> dict | None:
     if "pruned" not in report or "cost" not in report:
         return None
     kept = _model_path(plan, run.run_id, pending=False)
-    if plan.keep_models and not kept.is_file():
+    if plan.keep_models and not _is_runs_model(kept, report):
         return None
-    if run.cfg.latency and "latency" not in report and _existing_model(plan, run.run_id) is None:
+    if run.cfg.latency and "latency" not in report and _existing_model(plan, run.run_id, report) is None:
         return None
     return report
 
 
-def _existing_model(plan: SweepPlan, rid: str) -> Path | None:
+def _is_runs_model(path: Path, report: dict) -> bool:
+    """Whether `path` holds the model this run's report describes (an earlier sweep with other settings may
+    have left a file of the same name)."""
+    digest = report.get("sweep", {}).get("model_sha256")
+    return digest is not None and path.is_file() and file_sha256(path) == digest
+
+
+def _existing_model(plan: SweepPlan, rid: str, report: dict) -> Path | None:
     for pending in (False, True):
         p = _model_path(plan, rid, pending)
-        if p.is_file():
+        if _is_runs_model(p, report):
             return p
     return None
 
@@ -519,7 +529,7 @@ def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], mod
     progress(f"timing {len(need)} pruned models one at a time (batch {base.latency_batch})")
     dense = create_session(model, base.device, base.input_shapes or None, base.threads)
     for r in need:
-        path = _existing_model(plan, r.run_id)
+        path = _existing_model(plan, r.run_id, reports[r.run_id])
         if path is None:  # cannot happen: load_finished and _execute guarantee a model file
             raise UsageError(f"the model of run {r.run_id} is missing; rerun the sweep with --force")
         pruned = create_session(load_model(path, check=False), base.device, base.input_shapes or None, base.threads)

@@ -4,6 +4,7 @@ resumability, the results table against `onnxfair prune` run alone, and the self
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -287,6 +288,25 @@ def test_report_is_self_contained_with_valid_pngs(mlp, tmp_path, counting):
     assert rec in page and doc["disparity"]["metric"] == "max_excess_gap"
     assert sorted(p.stem for p in (out / "models").glob("*.onnx")) == sorted(row["run_id"] for row in doc["rows"])
     onnx.checker.check_model(onnx.load(out / "models" / f"{rec}.onnx"))
+
+
+def test_a_resume_never_reuses_a_kept_model_of_other_settings(mlp, tmp_path, counting):
+    """Before: runs redone without --keep-models left the earlier settings' models in models/, and a later
+    --keep-models sweep reused the reports with those files (report and model of different settings, exit 0)."""
+    out = tmp_path / "sw"
+    assert run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models", "--round-to", "4")).exit_code == 0
+    assert run(*sweep_args(mlp, out, "--no-plots", "--no-latency")).exit_code == 0  # other settings, no models
+    assert len(counting.calls) == 8
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models"))
+    assert r.exit_code == 0 and len(counting.calls) == 12  # redone: no file is known to hold these runs' models
+    for p in (out / "runs").glob("*.json"):
+        digest = json.loads(p.read_text())["sweep"]["model_sha256"]
+        assert digest == hashlib.sha256((out / "models" / f"{p.stem}.onnx").read_bytes()).hexdigest()
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models"))
+    assert r.exit_code == 0 and len(counting.calls) == 12  # now its own files: reused
+    (out / "models" / "taylor-s0.30-seed0.onnx").write_bytes(b"not this run's model")
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models"))
+    assert r.exit_code == 0 and counting.calls[12:] == [("taylor", 0.3, 0)]
 
 
 def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp_path, counting):
