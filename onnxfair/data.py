@@ -185,6 +185,11 @@ def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
         if arr.dtype.kind in "fiub" and spec.dtype.kind in "f":
             arr = arr.astype(spec.dtype)
         elif arr.dtype.kind in "iub" and spec.dtype.kind in "iu":
+            rows = 0 if np.can_cast(arr.dtype, spec.dtype) else _rows_outside(arr, spec.dtype)
+            if rows:
+                info = np.iinfo(spec.dtype)
+                raise DataError(f"input {name!r} holds values outside {spec.dtype} ({info.min}..{info.max}) in {rows} "
+                                f"rows, which the model input cannot take (a cast would wrap them); fix those values")
             arr = arr.astype(spec.dtype)
         else:
             raise DataError(f"input {name!r} has dtype {arr.dtype}, the model expects {spec.dtype}; convert the data")
@@ -192,6 +197,12 @@ def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
         bad = int((~np.isfinite(arr)).reshape(arr.shape[0], -1).any(axis=1).sum())
         raise DataError(f"input {name!r} has NaN or infinite values in {bad} rows; clean or drop those rows")
     return np.ascontiguousarray(arr)
+
+
+def _rows_outside(x: np.ndarray, dtype: np.dtype) -> int:
+    """Rows of `x` holding a value the integer `dtype` cannot represent."""
+    info = np.iinfo(dtype)
+    return int(((x < info.min) | (x > info.max)).reshape(x.shape[0], -1).any(axis=1).sum())
 
 
 def _check_columns(available: Sequence[str], wanted: Sequence[str], what: str, path: Path) -> None:
@@ -354,10 +365,9 @@ def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: 
         rows = int((x != np.round(x)).reshape(x.shape[0], -1).any(axis=1).sum())
         raise DataError(f"the model input {spec.name!r} is {spec.dtype} but the feature columns of {p.name} hold "
                         f"non-integral values in {rows} rows; give whole numbers (e.g. token ids)")
-    info = np.iinfo(spec.dtype)
-    out = (x < info.min) | (x > info.max)
-    if out.any():
-        rows = int(out.reshape(x.shape[0], -1).any(axis=1).sum())
+    rows = _rows_outside(x, spec.dtype)
+    if rows:
+        info = np.iinfo(spec.dtype)
         raise DataError(f"the feature columns of {p.name} hold values outside {spec.dtype} ({info.min}..{info.max}) "
                         f"in {rows} rows, which the model input {spec.name!r} cannot take; fix those values")
     return x.astype(spec.dtype)

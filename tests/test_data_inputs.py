@@ -187,6 +187,23 @@ def test_integer_model_inputs_refuse_what_would_change(tmp_path, a, dtype, messa
         load_dataset(tmp_path / "ids.csv", _int_model(tmp_path, dtype), "grp")
 
 
+@pytest.mark.parametrize("ids, dtype", [(np.array([[3, 1], [2**32 + 3, 2], [0, 3], [-1, 4]], np.int64), np.int32),
+                                        (np.array([[3, 1], [2**63, 2], [0, 3], [7, 4]], np.uint64), np.int64)])
+def test_npz_integer_inputs_out_of_the_model_dtype_are_refused_not_wrapped(tmp_path, ids, dtype):
+    """Before: int64 2**32 + 3 became int32 3 (and a uint64 2**63 a negative id), exit 0 with other numbers."""
+    elem = {np.int32: TensorProto.INT32, np.int64: TensorProto.INT64}[dtype]
+    np.savez(tmp_path / "ids.npz", t=ids, y=np.array([0, 1, 2, 0]), grp=np.array(list("xyxy")))
+    info = np.iinfo(dtype)
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "ids.npz", _int_model(tmp_path, elem), "grp")
+    assert str(err.value) == (f"input 't' holds values outside {np.dtype(dtype)} ({info.min}..{info.max}) in 1 rows, "
+                              "which the model input cannot take (a cast would wrap them); fix those values")
+    ids[1, 0] = 5  # in range: cast exactly
+    np.savez(tmp_path / "ids.npz", t=ids, y=np.array([0, 1, 2, 0]), grp=np.array(list("xyxy")))
+    got = load_dataset(tmp_path / "ids.npz", _int_model(tmp_path, elem), "grp").inputs["t"]
+    assert got.dtype == dtype and got.tolist() == ids.tolist()
+
+
 # 6. / 7. group arrays
 
 
