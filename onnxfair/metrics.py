@@ -4,7 +4,8 @@ Conventions, stated in every report under `conventions`:
 - accuracy gap = max_g Acc_g - min_g Acc_g over every group with at least one row (small groups included,
   flagged `small`), as fairlearn's MetricFrame.difference(method="between_groups");
 - demographic parity difference and equalized odds difference as fairlearn defines them (binary tasks,
-  positive class 1);
+  positive class 1), except that a group without positives (negatives) has no TPR (FPR) and is left out of
+  that rate's gap, where fairlearn would count the missing rate as 0;
 - class-wise variance is the population variance (ddof 0) of per-class accuracy (recall per class);
 - Δ_g = Acc_g(pruned) - Acc_g(dense); std_delta is the sample standard deviation (ddof 1) of Δ_g;
 - max_excess_gap ψ = max_g [(Acc_g(dense) - Acc_g(pruned)) - (Acc(dense) - Acc(pruned))].
@@ -21,7 +22,8 @@ SMALL_GROUP = 10  # groups with fewer rows are reported and flagged, not dropped
 CONVENTIONS = {
     "accuracy_gap": "max_g Acc_g - min_g Acc_g over all groups with rows (fairlearn between_groups difference)",
     "demographic_parity_difference": "max_g P(yhat=1|g) - min_g P(yhat=1|g); binary tasks, positive class 1",
-    "equalized_odds_difference": "max(TPR gap, FPR gap) across groups (fairlearn); binary tasks",
+    "equalized_odds_difference": "max(TPR gap, FPR gap) across groups (fairlearn); binary tasks; a group without "
+                                 "positives (negatives) has no TPR (FPR) and is left out of that gap",
     "classwise_variance": "population variance (ddof 0) of per-class accuracy",
     "delta": "Acc_g(pruned) - Acc_g(dense); negative is degradation",
     "std_delta": "sample standard deviation (ddof 1) of delta over groups",

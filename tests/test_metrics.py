@@ -52,6 +52,27 @@ def test_binary_metrics_match_fairlearn(seed):
     assert block["overall"]["accuracy"] == pytest.approx(accuracy_score(y, pred))
 
 
+def test_a_group_without_positives_has_no_tpr_and_is_left_out_of_the_equalized_odds_gap():
+    """fairlearn scores an undefined rate as 0 (a group with no positives 'detects none of them'), which
+    makes the gap whatever the other groups' TPR is; here the group has no TPR, and the gap is fairlearn's
+    over the groups where both rates exist (documented under Metric conventions)."""
+    rng = np.random.default_rng(3)
+    n = 400
+    y = rng.integers(0, 2, n)
+    pred = np.where(rng.random(n) < 0.8, y, 1 - y)
+    race = rng.choice(["A", "B", "C"], n, p=[0.6, 0.3, 0.1])
+    y[race == "C"] = 0  # group C has no positives
+    ids, labels = _encode_groups({"race": race}, ["race"])
+    block = evaluation_block(_one_hot_logits(pred, 2, rng), y, ids, labels)
+    assert block["groups"]["race=C"]["tpr"] is None and block["groups"]["race=C"]["fpr"] is not None
+    both = race != "C"
+    tpr_gap = MetricFrame(metrics=true_positive_rate, y_true=y[both], y_pred=pred[both],
+                          sensitive_features=race[both]).difference()
+    fpr_gap = MetricFrame(metrics=false_positive_rate, y_true=y, y_pred=pred, sensitive_features=race).difference()
+    assert block["disparity"]["equalized_odds_difference"] == pytest.approx(max(tpr_gap, fpr_gap), abs=1e-12)
+    assert block["disparity"]["equalized_odds_difference"] < equalized_odds_difference(y, pred, sensitive_features=race)
+
+
 def test_multiclass_metrics_match_fairlearn_and_classwise():
     rng = np.random.default_rng(5)
     n = 400
