@@ -19,6 +19,8 @@ from onnxfair.sweep import (
     format_rows, parse_list, run_sweep, sweep_summary, write_results,
 )
 
+UNMET_EXIT = 3  # every output is written, but no run meets --max-disparity / --max-macs-ratio
+
 # Prune settings passed through unchanged. Their options are copied from `onnxfair prune` itself, so names,
 # defaults, choices and help stay the same and a sweep row equals a `prune` run with the same flags.
 PASS_THROUGH = (
@@ -131,6 +133,10 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         rec = summary["recommendation"]
         click.echo(f"recommended: {rec['run_id']} ({rec['why']})" if rec["run_id"] else f"no recommendation: {rec['why']}")
     emit_json(summary, json_out)
+    if summary["recommendation"]["run_id"] is None and (max_disparity is not None or max_macs_ratio is not None):
+        # a pipeline gating on the constraints must see them unmet without parsing the results
+        progress(f"no run meets the constraints: {summary['recommendation']['why']} (exit {UNMET_EXIT})")
+        sys.exit(UNMET_EXIT)
 
 
 sweep.params.extend(copy.copy(p) for p in _prune_command.params if p.name in PASS_THROUGH)

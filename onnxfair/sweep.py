@@ -650,10 +650,14 @@ def mark_front(
     max_macs_ratio: float | None = None,
     disparity_weight: float = 1.0,
 ) -> tuple[str | None, str]:
-    """Set `pareto` (over all rows) and `recommended` in place; return the recommended run id and why."""
-    for r, f in zip(rows, pareto_front([(r["accuracy"], r[metric]) for r in rows])):
-        r["pareto"] = f
-        r["recommended"] = False
+    """Set `pareto` and `recommended` in place; return the recommended run id and why. The front is that of the
+    runs within --max-macs-ratio (all runs without it), the runs the recommendation chooses from, so the
+    recommended run is always marked on it."""
+    within = [i for i, r in enumerate(rows) if max_macs_ratio is None or r["macs_ratio"] <= max_macs_ratio]
+    for r in rows:
+        r["pareto"] = r["recommended"] = False
+    for i, f in zip(within, pareto_front([(rows[i]["accuracy"], rows[i][metric]) for i in within])):
+        rows[i]["pareto"] = f
     idx, why = recommend(rows, metric, max_disparity, max_macs_ratio, disparity_weight)
     if idx is None:
         return None, why

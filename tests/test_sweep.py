@@ -112,6 +112,15 @@ def test_mark_front_sets_flags_in_place():
     assert rec == "b" and [r["recommended"] for r in rows] == [False, True, False]
 
 
+def test_the_front_is_that_of_the_runs_within_the_macs_budget():
+    """a dominates b, but is over --max-macs-ratio: b is recommended, and it used to be marked off the front."""
+    rows = _rows(("a", 0.90, 0.005, 0.8), ("b", 0.85, 0.010, 0.5), ("c", 0.80, 0.020, 0.5))
+    rec, _ = mark_front(rows, max_macs_ratio=0.6)
+    assert rec == "b" and [r["pareto"] for r in rows] == [False, True, False]
+    mark_front(rows)
+    assert [r["pareto"] for r in rows] == [True, False, False]
+
+
 def test_run_ids_and_lists():
     assert run_id("fairgrape", 0.5, 0) == "fairgrape-s0.50-seed0"
     assert run_id("magnitude", 0.3, 2, structured=False) == "magnitude-unstr-s0.30-seed2"
@@ -395,7 +404,9 @@ def test_plots_of_an_earlier_sweep_are_removed(mlp, tmp_path, counting):
     assert (out / "pareto.png").is_file() and (out / "groups.png").is_file()
     # no run qualifies: no groups chart is drawn, and the earlier one (of another recommendation) goes
     r = run(*sweep_args(mlp, out, "--no-latency", "--max-disparity", "0"))
-    assert r.exit_code == 0 and "no recommendation" in r.stdout, r.output
+    assert r.exit_code == 3 and "no recommendation" in r.stdout, r.output  # every output written, constraint unmet
+    assert r.stderr.splitlines()[-1].startswith("no run meets the constraints: no run has std_delta <= 0.0;")
+    assert r.stderr.splitlines()[-1].endswith("(exit 3)")
     assert (out / "pareto.png").is_file() and not (out / "groups.png").exists()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
     assert f"removed {out / 'groups.png'}" in r.stderr
