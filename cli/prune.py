@@ -56,6 +56,9 @@ from onnxfair.report import format_prune
 @click.option("--ignore", multiple=True, help="Glob of node or initializer names never to prune (repeatable).")
 @click.option("--input-shape", "input_shape", multiple=True, help="Fix symbolic dims: NAME=d0,d1,... (repeatable).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--split-seed", type=int, default=None,
+              help="Seed of the held-out part of --data judged without --eval-data (default: --seed); a sweep's runs all "
+                   "use its first seed, so this replays one of them.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="torch and onnxruntime intra-op threads, and layers ranked at once (0: all cores); 1 is fastest for small models on busy machines.")
@@ -76,6 +79,9 @@ def prune(model: str, data: str | None, eval_data: str | None, output: str, repo
         raise UsageError("--data needs --groups naming the group attribute(s), e.g. --groups race")
     if eval_data and not data:
         raise UsageError("--eval-data needs --data and --groups as well")
+    if kw["split_seed"] is not None and (eval_data or not data):
+        raise UsageError("--split-seed seeds the held-out part of --data, which is judged only without --eval-data; "
+                         "drop --split-seed")
     cfg = PruneConfig(input_shapes=parse_input_shapes(input_shape), ignore=tuple(ignore), latency=not no_latency, **kw)
     cfg.validate(has_data=bool(data))  # settings first: a bad option should not wait for the model and data
     m = load_model(model)

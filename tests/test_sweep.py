@@ -541,6 +541,19 @@ def test_without_eval_data_every_seed_is_judged_on_the_same_rows(mlp, tmp_path):
     q = run("prune", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--method", "taylor", "--seed", "4",
             "--sparsity", "0.5", "--round-to", "4", "--no-latency", "-o", tmp_path / "u.onnx", "--json", "-")
     assert json.loads(q.stdout)["dense"] != alone["dense"]
+    # --split-seed replays a later seed's run exactly: its settings, its rows, its numbers
+    q = run("prune", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--method", "taylor", "--seed", "4",
+            "--split-seed", "3", "--sparsity", "0.5", "--round-to", "4", "--no-latency", "-o", tmp_path / "u.onnx",
+            "--json", "-")
+    replay = json.loads(q.stdout)
+    assert replay["method"]["split_seed"] == 3
+    for block in ("dense", "pruned", "degradation", "evaluation", "cost"):
+        assert replay[block] == reps[1][block], block
+    r = run("prune", mlp["path"], "--data", mlp["calib"], "--eval-data", mlp["eval"], "--groups", "race",
+            "--split-seed", "3", "--sparsity", "0.5", "-o", tmp_path / "v.onnx")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        "error: --split-seed seeds the held-out part of --data, which is judged only without --eval-data; drop "
+        "--split-seed"]
 
 
 @pytest.mark.parametrize("with_eval", [True, False])
