@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -95,11 +96,21 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     calib = load_data(data, m, data_kw)
     eval_ds = load_data(eval_data, m, data_kw) if eval_data else None
 
+    terminated = []
+
+    def on_sigterm(signum, frame):  # what timeout, CI runners and orchestrators send: stop as Ctrl-C does
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         result = run_sweep(plan, m, calib, eval_ds, progress, disparity, max_disparity, max_macs_ratio, disparity_weight)
     except KeyboardInterrupt:
-        progress(f"interrupted; finished runs are kept in {Path(out) / 'runs'}: run the same command again to resume")
-        sys.exit(130)
+        progress(f"{'terminated' if terminated else 'interrupted'}; finished runs are kept in {Path(out) / 'runs'}: "
+                 "run the same command again to resume")
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = sweep_summary(plan, result, disparity, max_disparity, max_macs_ratio, disparity_weight)
     csv_path, json_path = write_results(out, summary)
     images: dict[str, bytes] = {}

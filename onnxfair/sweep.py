@@ -307,6 +307,7 @@ def _init_worker(setup: _Worker) -> None:
     # Ctrl-C reaches the whole process group: the sweep process handles it (and ends the workers), so a worker
     # does not print a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the sweep process's handler: ending a worker ends it quietly
     if setup.threads:
         os.environ["OMP_NUM_THREADS"] = str(setup.threads)
     model = load_model(setup.plan.model)

@@ -482,6 +482,48 @@ def test_pool_interrupt_cancels_waiting_runs_and_does_not_wait(monkeypatch):
     assert "r2" not in started and "r3" not in started
 
 
+def test_sigterm_ends_the_sweep_and_its_workers_and_keeps_finished_runs(mlp, tmp_path):
+    """What timeout and CI runners send. Before: the sweep died at once and its two workers went on writing
+    run reports into DIR after it had exited."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "cli.main", "sweep", str(mlp["path"]), "--data", str(mlp["calib"]), "--eval-data",
+           str(mlp["eval"]), "--groups", "race", "--methods", "magnitude,bilevel", "--sparsities", "0.3,0.5,0.7",
+           "--seeds", "0,1,2", "--bilevel-steps", "3000", "--round-to", "4", "--jobs", "2", "--no-plots",
+           "--no-latency", "--out", str(out)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    lines = []
+    for line in p.stderr:  # wait for the first finished run
+        lines.append(line.rstrip("\n"))
+        if line.startswith("[1/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    try:
+        _, rest = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # stderr held open past the exit: workers still running
+        os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail("the sweep's workers outlived it, holding its stderr open")
+    lines += rest.splitlines()
+    assert p.returncode == 143, lines
+    assert lines[-1] == f"terminated; finished runs are kept in {out / 'runs'}: run the same command again to resume"
+    assert not any("Traceback" in line for line in lines), lines
+    reports = sorted((out / "runs").glob("*.json"))
+    time.sleep(2)
+    assert sorted((out / "runs").glob("*.json")) == reports and len(reports) < 18  # nothing writes after the exit
+    try:
+        os.killpg(p.pid, 0)  # any process left in the sweep's group?
+    except ProcessLookupError:
+        return
+    os.killpg(p.pid, signal.SIGKILL)
+    pytest.fail("worker processes outlived the sweep")
+
+
 def test_missing_data_is_one_line_exit_2(mlp, tmp_path):
     r = run("sweep", mlp["path"], "--methods", "magnitude", "--sparsities", "0.5", "--out", tmp_path / "sw")
     assert r.exit_code == 2 and "pass --data and --groups" in r.stderr and r.stderr.strip().count("\n") == 0
