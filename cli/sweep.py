@@ -16,8 +16,8 @@ from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
 from onnxfair.prune import PruneConfig
 from onnxfair.sweep import (
-    DISPARITIES, OUTPUT_FILES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, foreign_models,
-    format_rows, parse_list, run_sweep, sweep_summary, write_results,
+    DISPARITIES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, foreign_models,
+    format_rows, output_files, parse_list, run_sweep, sweep_summary, write_results,
 )
 
 UNMET_EXIT = 3  # every output is written, but no run meets --max-disparity / --max-macs-ratio
@@ -68,6 +68,7 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     self-contained DIR/report.html. A plot this sweep does not draw (--no-plots; groups.png without a
     recommended run) is removed from DIR, so DIR describes the latest sweep only.
     """
+    json_out = _json_beside_results(json_out, out)
     check_outputs({"model": model, "--data": data, "--eval-data": eval_data}, {"--json": json_out})
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}
     if not data or not data_kw["groups"]:
@@ -85,9 +86,12 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
                      jobs=jobs or os.cpu_count() or 1, keep_models=keep_models, force=force)
     runs = expand(plan)  # bad methods, sparsities or combinations fail here, before anything is loaded or run
     check_out(plan, runs)  # so does an --out the sweep could not fill
-    if Path(out).is_dir():  # no file the sweep writes may be one of its inputs
-        check_outputs({"model": model, "--data": data, "--eval-data": eval_data},
-                      {f"--out's {name}": str(Path(out) / name) for name in OUTPUT_FILES})
+    inputs = {"model": model, "--data": data, "--eval-data": eval_data}
+    for f in output_files(plan, runs):  # no file the sweep writes may be one of its inputs, before the first run
+        for name, source in inputs.items():
+            if source and f.exists() and os.path.samefile(f, source):
+                raise UsageError(f"the input {name} {source} is a file this sweep writes ({Path(out).name}/"
+                                 f"{f.relative_to(out)}); move it out of --out or choose another --out")
     if not no_plots:
         from onnxfair.plots import require_matplotlib
 
@@ -148,6 +152,21 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         # a pipeline gating on the constraints must see them unmet without parsing the results
         progress(f"no run meets the constraints: {summary['recommendation']['why']} (exit {UNMET_EXIT})")
         sys.exit(UNMET_EXIT)
+
+
+def _json_beside_results(json_out: str | None, out: str) -> str | None:
+    """--json DIR/results.json is the document the sweep writes there anyway (DIR may not exist yet): None, so
+    it is written once. Any other path inside DIR is refused: it would overwrite, or be overwritten by, the
+    sweep's own files."""
+    if json_out in (None, "-"):
+        return json_out
+    target, folder = Path(json_out).resolve(), Path(out).resolve()
+    if target == folder / "results.json":
+        return None
+    if folder in target.parents:
+        raise UsageError(f"--json {json_out} is inside --out {out}, where the sweep writes its own files; "
+                         f"{Path(out) / 'results.json'} holds the same document, so drop --json or give a path outside it")
+    return json_out
 
 
 sweep.params.extend(copy.copy(p) for p in _prune_command.params if p.name in PASS_THROUGH)

@@ -148,6 +148,12 @@ def run_id(method: str, sparsity: float, seed: int, structured: bool = True) -> 
     return f"{method}{kind}-s{format_sparsity(sparsity)}-seed{seed}"
 
 
+def sweep_split_seed(plan: SweepPlan) -> int | None:
+    """Without eval data every run is judged on the same held-out rows (the first seed's split), so the front
+    compares runs, not the rows they happened to be judged on."""
+    return None if plan.data.eval_data else int(plan.seeds[0])
+
+
 def expand(plan: SweepPlan) -> list[Run]:
     """Every (method, sparsity, seed) as a validated PruneConfig, method-major order."""
     for m in plan.methods:
@@ -156,9 +162,7 @@ def expand(plan: SweepPlan) -> list[Run]:
     for s in plan.sparsities:
         if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 < s < 1.0):
             raise UsageError(f"sparsity {s} in --sparsities is outside (0, 1); it is the fraction removed, e.g. 0.5")
-    # without eval data every run is judged on the same held-out rows (the first seed's split), so the front
-    # compares runs, not the rows they happened to be judged on
-    split_seed = None if plan.data.eval_data else int(plan.seeds[0])
+    split_seed = sweep_split_seed(plan)
     grid = [(m, s, seed, dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
                                              split_seed=split_seed))
             for m in plan.methods for s in plan.sparsities for seed in plan.seeds]
@@ -211,13 +215,19 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
     for what, folder in _folders(plan).items():
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             raise UsageError(f"{folder} is a file, but the sweep keeps its {what} there; move it or choose another --out")
+    for f in output_files(plan, runs):
+        if f.is_dir():
+            raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
+
+
+def output_files(plan: SweepPlan, runs: Sequence[Run] | None = None) -> list[Path]:
+    """Every file the sweep may write in --out: results, plots, each run's report and model."""
+    out = Path(plan.out)
     files = [out / name for name in OUTPUT_FILES]
     for r in runs if runs is not None else expand(plan):
         files.append(_run_path(plan, r.run_id))
         files += [_model_path(plan, r.run_id, pending) for pending in (False, True)]
-    for f in files:
-        if f.is_dir():
-            raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
+    return files
 
 
 def foreign_models(plan: SweepPlan, result: SweepResult) -> list[Path]:
@@ -463,7 +473,9 @@ def run_sweep(
     if pending.is_dir() and not any(pending.iterdir()):
         pending.rmdir()
 
-    rows = [result_row(r.run_id, reports[r.run_id]) for r in runs]
+    # a run reused from a sweep that timed it keeps its latency in its report, but the rows follow this sweep's
+    # setting: with --no-latency no row shows one, rather than some rows showing an earlier sweep's timing
+    rows = [result_row(r.run_id, reports[r.run_id], latency=plan.base.latency) for r in runs]
     rec, why = mark_front(rows, disparity, max_disparity, max_macs_ratio, disparity_weight)
     return SweepResult(rows, reports, rec, why, reused, [r.run_id for r in todo])
 
@@ -557,11 +569,12 @@ def _disparity_value(report: dict, metric: str) -> float | None:
     return report["degradation"][metric]
 
 
-def result_row(rid: str, report: dict) -> dict:
-    """One results-table row, every value read straight from the run's prune report."""
+def result_row(rid: str, report: dict, latency: bool = True) -> dict:
+    """One results-table row, every value read straight from the run's prune report (its latency only when
+    `latency`)."""
     m, c = report["method"], report["cost"]
     d, p, g = report["dense"], report["pruned"], report["degradation"]
-    lat = report.get("latency")
+    lat = report.get("latency") if latency else None
     return {
         "run_id": rid,
         "method": m["method"],
@@ -710,6 +723,9 @@ def sweep_summary(plan: SweepPlan, result: SweepResult, disparity: str, max_disp
     for k in ("method", "sparsity", "target_macs", "seed"):
         base.pop(k)
     first = next(iter(result.reports.values()), {})
+    # what the runs used, not the option's placeholders (0 threads = default, no split seed = per run)
+    base["split_seed"] = sweep_split_seed(plan)
+    base["threads"] = first.get("sweep", {}).get("threads", base["threads"])
     conventions = first.get("pruned", {}).get("conventions", {})
     return _normalise({
         "onnxfair_sweep": 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,13 @@ def test_sweep_writes_rows_from_run_reports_and_resumes(mlp, tmp_path, counting)
     assert sorted(counting.calls[4:]) == [("magnitude", 0.6, 0), ("taylor", 0.3, 0)]
     assert "2 of 4 runs already done" in r.stderr
 
+    # a --no-latency resume reuses the timed runs, but its rows show no latency (before: an earlier sweep's)
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency"))
+    assert r.exit_code == 0 and len(counting.calls) == 6
+    assert all(row["latency_ms"] is None and row["dense_latency_ms"] is None
+               for row in json.loads((out / "results.json").read_text())["rows"])
+    assert "latency" in json.loads((out / "runs" / "taylor-s0.30-seed0.json").read_text())
+
     # a changed pass-through setting or a changed data file invalidates every stored run
     r = run(*sweep_args(mlp, out, "--no-plots", "--round-to", "4"))
     assert r.exit_code == 0 and len(counting.calls) == 10
@@ -354,6 +362,33 @@ def test_bad_input_is_one_line_exit_2(mlp, tmp_path, extra, message):
     assert r.exit_code == 2
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_json_into_the_new_out_folder(mlp, tmp_path, counting):
+    """Before: --json DIR/results.json was refused while DIR did not exist yet, though the sweep creates DIR and
+    writes that very document there; another file in DIR (its CSV here) would have been overwritten."""
+    out = tmp_path / "sw"
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out / "results.csv"))
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0
+    assert f"--json {out / 'results.csv'} is inside --out {out}" in r.stderr and not out.exists()
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out / "results.json"))
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["rows"]) == 4 and read_rows_csv(out / "results.csv") == doc["rows"]
+
+
+def test_an_input_the_sweep_would_write_is_refused_before_any_run(mlp, tmp_path, counting):
+    """Before: a model kept by an earlier sweep, given as this sweep's input, was refused only when the run that
+    writes it was reached, after the runs before it had been computed."""
+    out = tmp_path / "sw"
+    (out / "models").mkdir(parents=True)
+    model = out / "models" / "taylor-s0.60-seed0.onnx"
+    shutil.copy(mlp["path"], model)
+    args = sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models")
+    r = run(*[model if a == mlp["path"] else a for a in args])
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
+    assert f"the input model {model} is a file this sweep writes (sw/models/taylor-s0.60-seed0.onnx)" in r.stderr
+    assert counting.calls == [] and not (out / "runs").exists() and model.read_bytes() == mlp["path"].read_bytes()
 
 
 def test_expand_checks_what_a_run_would_refuse():
@@ -574,6 +609,10 @@ def test_without_eval_data_every_seed_is_judged_on_the_same_rows(mlp, tmp_path):
     assert all(rep["method"]["split_seed"] == 3 for rep in reps)
     assert all(rep["evaluation"]["source"] == "held-out 30% of --data (seed 3, stratified by group)" for rep in reps)
     assert reps[1]["dense"] == reps[0]["dense"] == reps[2]["dense"]
+    # the settings block says what the runs used, not the options' placeholders (before: null and 0)
+    prune_settings = json.loads((out / "results.json").read_text())["settings"]["prune"]
+    assert prune_settings["split_seed"] == 3
+    assert prune_settings["threads"] == reps[0]["sweep"]["threads"] and prune_settings["threads"]["torch"] >= 1
     p = run("prune", mlp["path"], "--data", mlp["calib"], "--groups", "race", "--method", "taylor", "--seed", "3",
             "--sparsity", "0.5", "--round-to", "4", "--no-latency", "-o", tmp_path / "t.onnx", "--report", tmp_path / "t.json")
     assert p.exit_code == 0, p.output
