@@ -11,6 +11,7 @@ from onnxfair.evaluate import evaluate_models
 from onnxfair.head import scored_output
 from onnxfair.metrics import degradation
 from onnxfair.model import class_count, input_specs
+from onnxfair.prune import latency_summary
 from onnxfair.report import format_comparison, format_evaluation
 
 
@@ -30,7 +31,7 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
     progress(f"evaluating {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     block = evaluate_models([m], ds, device=device, batch_size=batch_size, latency=not no_latency,
                             latency_batch=latency_batch, input_shapes=shapes, names=[model])[0]
-    report = {"model": model, "data": data, "groups_by": ds.attributes, **block}
+    report = {"onnxfair_evaluation": 1, "model": model, "data": data, "groups_by": ds.attributes, **block}
     if json_out != "-":
         click.echo(format_evaluation(block))
     emit_json(report, json_out)
@@ -59,7 +60,9 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     deg = degradation(ea, eb)
     if json_out != "-":
         click.echo(format_comparison(ea, eb, deg, "A", "B"))
-    emit_json({"a": {"model": model_a, **ea}, "b": {"model": model_b, **eb}, "degradation": deg}, json_out)
+    speedup = latency_summary(ea["latency"], eb["latency"])["speedup"] if ea.get("latency") and eb.get("latency") else None
+    emit_json({"onnxfair_comparison": 1, "data": data, "groups_by": ds.attributes, "a": {"model": model_a, **ea},
+               "b": {"model": model_b, **eb}, "degradation": deg, "speedup": speedup}, json_out)
 
 
 def _same_classes(oa: dict, ob: dict) -> None:

@@ -30,6 +30,7 @@ def test_evaluate_json_matches_fairlearn(tiny_linear):
     assert rep["overall"] == {"n": 200, "accuracy": pytest.approx(accuracy_score(tiny_linear["y"], pred))}
     assert rep["disparity"]["accuracy_gap"] == pytest.approx(mf.difference())
     assert rep["disparity"]["equalized_odds_difference"] is None
+    assert rep["onnxfair_evaluation"] == 1 and rep["groups_by"] == ["race"]
 
 
 def test_evaluate_table_and_latency(tiny_linear, tmp_path):
@@ -142,6 +143,12 @@ def test_compare_degradation(tiny_linear, tmp_path):
     assert rep["degradation"]["groups"] == pytest.approx(deltas)
     assert rep["degradation"]["std_delta"] == pytest.approx(np.std(list(deltas.values()), ddof=1))
     assert rep["degradation"]["overall_delta"] == pytest.approx((pb == y).mean() - (pa == y).mean())
+    # a comparison names its data and grouping like the other reports (before: neither), with a format version
+    assert rep["onnxfair_comparison"] == 1 and rep["data"] == str(tiny_linear["data"]) and rep["groups_by"] == ["race"]
+    assert rep["speedup"] is None  # --no-latency
+    r = run("compare", tiny_linear["path"], p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-")
+    rep = json.loads(r.stdout)
+    assert rep["speedup"] == rep["a"]["latency"]["median_ms"] / rep["b"]["latency"]["median_ms"] > 0
 
 
 def _one_line_error(args):
