@@ -50,7 +50,7 @@ def _format(rep: dict) -> str:
 @click.option("--groups", "show_groups", is_flag=True, help="Show the prunable channel groups and why other channels are frozen.")
 @click.option("--ignore", multiple=True, help="Glob of node or initializer names never to prune (with --groups).")
 @click.option("--input-shape", "input_shape", multiple=True, help="Fix symbolic dims: NAME=d0,d1,... (repeatable).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs of --verify.")
 @click.option("--json", "json_out", default=None, help="Write the JSON report to PATH, or - for stdout.")
 def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...], input_shape: tuple[str, ...],
             seed: int, json_out: str | None) -> None:

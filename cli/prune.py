@@ -47,7 +47,7 @@ from onnxfair.report import format_prune
                    "keeps the epoch with the best mean group accuracy); distill (match the dense model's outputs, "
                    "every group weighing the same; early stopping as balanced); equalized (equal group losses) or ceag "
                    "(excess accuracy gap <= --eps), both by dual ascent.")
-@click.option("--finetune-lr", default=1e-3, show_default=True, type=float)
+@click.option("--finetune-lr", default=1e-3, show_default=True, type=float, help="Fine-tuning learning rate (Adam).")
 @click.option("--eps", "finetune_eps", default=0.02, show_default=True, type=float, help="ceag: tolerated excess accuracy gap ε.")
 @click.option("--bilevel-steps", default=200, show_default=True, type=click.IntRange(1),
               help="bilevel: joint mask/weight training steps.")
@@ -55,15 +55,17 @@ from onnxfair.report import format_prune
               help="bilevel: weight of the fairness penalty (spread of group losses).")
 @click.option("--ignore", multiple=True, help="Glob of node or initializer names never to prune (repeatable).")
 @click.option("--input-shape", "input_shape", multiple=True, help="Fix symbolic dims: NAME=d0,d1,... (repeatable).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds all randomness (held-out split, batch order, the methods' draws): same inputs and seed, same masks.")
 @click.option("--split-seed", type=int, default=None,
               help="Seed of the held-out part of --data judged without --eval-data (default: --seed); a sweep's runs all "
                    "use its first seed, so this replays one of them.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="torch device for scoring and fine-tuning, onnxruntime provider for evaluation (auto: cuda if present).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="torch and onnxruntime intra-op threads, and layers ranked at once (0: all cores); 1 is fastest for small models on busy machines.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Batch size for scoring, repair and fine-tuning.")
-@click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--latency-batch", default=1, show_default=True, type=click.IntRange(1), help="Batch size for latency timing.")
 @click.option("--no-latency", is_flag=True, help="Skip latency timing.")
 @click.option("--sparse-storage", is_flag=True, help="Unstructured: store pruned weights as sparse initializers where smaller.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
