@@ -79,10 +79,15 @@ class GroupedDataset:
 def _encode_groups(columns: dict[str, np.ndarray], attributes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Intersectional group labels `a=v1,b=v2`, sorted so ids are stable across runs."""
     n = len(next(iter(columns.values())))
-    labels = np.array(
-        [",".join(f"{a}={_value_text(columns[a][i])}" for a in attributes) for i in range(n)], dtype=object
-    )
+    values = [tuple(_value_text(columns[a][i]) for a in attributes) for i in range(n)]
+    labels = np.array([",".join(f"{a}={v}" for a, v in zip(attributes, row)) for row in values], dtype=object)
     uniq = sorted(set(labels.tolist()))
+    if len(uniq) != len(set(values)):  # values holding "," or "=" can make two intersections read the same
+        seen: dict[str, tuple] = {}
+        for row, label in zip(values, labels):
+            if seen.setdefault(label, row) != row:
+                raise DataError(f"the group values {seen[label]} and {row} of {', '.join(attributes)} both read as "
+                                f"{label!r}; remove ',' and '=' from the group values")
     index = {label: i for i, label in enumerate(uniq)}
     ids = np.fromiter((index[label] for label in labels), dtype=np.int64, count=n)
     return ids, uniq
@@ -236,7 +241,7 @@ def load_dataset(
     if suffix == ".npz":
         inputs, y, cols = _load_npz(p, specs, attributes, label or "y")
     elif suffix in (".csv", ".parquet", ".pq"):
-        table = _read_table(p)
+        table = _read_table(p, attributes)
         if len(table) == 0:
             raise DataError(f"{p.name} has a header but no rows; give a file with at least one labelled row")
         path_col = (image or ImageOptions()).path_column
@@ -295,7 +300,9 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
     return inputs, _labels(arrays[label], label), {a: arrays[a] for a in attributes}
 
 
-def _read_table(p: Path):
+def _read_table(p: Path, group_columns: Sequence[str] = ()):
+    """A csv's group columns are read as text: `01` and `1`, or `1.0` and `1`, are different groups (codes),
+    never merged by parsing them as numbers."""
     try:
         import pandas as pd
     except ImportError:
@@ -304,7 +311,7 @@ def _read_table(p: Path):
         if p.suffix.lower() in (".parquet", ".pq"):
             return pd.read_parquet(p)
         # only an empty cell is missing: "NA" or "None" can be real group values (pandas' default reads them as NaN)
-        return pd.read_csv(p, keep_default_na=False, na_values=[""])
+        return pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={a: str for a in group_columns})
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install 'onnxfair[parquet]'") from None
     except Exception as exc:

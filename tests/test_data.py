@@ -183,6 +183,34 @@ def test_csv_reads_na_and_none_as_group_values_and_only_an_empty_cell_as_missing
         load_dataset(tmp_path / "e.csv", tiny_linear["model"], "region")
 
 
+def test_csv_group_codes_are_text_not_numbers(tiny_linear, tmp_path):
+    """Before: a csv group column was parsed as numbers, so the codes 01 and 1 (or 1.0 and 1) merged into one
+    group with exit 0."""
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"] = tiny_linear["y"]
+    df["zone"] = np.array(["1", "01", "1.0", "2"])[np.arange(len(df)) % 4]
+    df.to_csv(tmp_path / "t.csv", index=False)
+    assert "01" in (tmp_path / "t.csv").read_text()
+    ds = load_dataset(tmp_path / "t.csv", tiny_linear["model"], "zone")
+    assert ds.group_labels == ["zone=01", "zone=1", "zone=1.0", "zone=2"]
+    assert np.bincount(ds.group_ids).tolist() == [50, 50, 50, 50]
+    # a group column may also be a feature: it is read as a number there
+    ds = load_dataset(tmp_path / "t.csv", _model(), "zone", features=["a", "b", "c", "zone"])
+    np.testing.assert_array_equal(ds.inputs["x"][:4, 3], [1, 1, 1, 2])
+
+
+def test_intersections_that_would_read_the_same_are_refused(tiny_linear, tmp_path):
+    """Before: values holding ',' and '=' made two different intersections one group (exit 0)."""
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"] = tiny_linear["y"]
+    odd = np.arange(len(df)) % 2 == 1
+    df["race"] = np.where(odd, "x,sex=F", "x")
+    df["sex"] = np.where(odd, "M", "F,sex=M")
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match="both read as 'race=x,sex=F,sex=M'; remove ',' and '=' from the group values"):
+        load_dataset(tmp_path / "t.csv", tiny_linear["model"], "race,sex", features=["a", "b", "c", "d"])
+
+
 def test_features_refuse_the_label_and_repeated_columns_but_not_a_group_column(tiny_linear, tmp_path):
     df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
     df["label"] = tiny_linear["y"]
