@@ -7,7 +7,9 @@ are the model's own, so what is learnt on the view is written back into the orig
 included. Evaluation runs the original with onnxruntime and needs the activation only to read a single
 column: a probability is class 1 above 0.5, a logit above 0. Exports often reshape after the activation
 (Squeeze, Flatten, Reshape to [batch]); such ops move values without changing them, so the activation is
-found through them as long as each row stays under the batch axis.
+found through them as long as each row stays under the batch axis. So it is through a Cast to another float
+type and a Clip to [eps, 1 - eps] (eps < 0.01), which keep every prediction: the largest probability and the
+side of 0.5 a single one is on.
 
 An integer first output (class indices from an ArgMax, say) is read as predictions by evaluation; it has
 no gradient, so the commands that need one refuse it (`interpret.module.checked_output`).
@@ -43,9 +45,44 @@ def _keeps_rows(node: onnx.NodeProto, dims: dict) -> bool:
     return a[0] is not None and a[0] == b[0]
 
 
+def _constant(name: str, model: onnx.ModelProto, producers: dict) -> float | None:
+    """The scalar an initializer or a Constant node holds, else None."""
+    from onnx import numpy_helper
+
+    init = next((t for t in model.graph.initializer if t.name == name), None)
+    if init is None:
+        node = producers.get(name)
+        if node is None or _op(node) != "Constant":
+            return None
+        init = next((a.t for a in node.attribute if a.name == "value"), None)
+        if init is None:
+            return None
+    arr = numpy_helper.to_array(init)
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+
+
+def _keeps_predictions(node: onnx.NodeProto, model: onnx.ModelProto, producers: dict) -> bool:
+    """A Cast to a float type, or a Clip to [lo, hi] with lo < 0.01 and hi > 0.99: after a Softmax or Sigmoid
+    neither changes which class is predicted."""
+    if _op(node) == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        return to in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    if _op(node) != "Clip":
+        return False
+    attrs = {a.name: a.f for a in node.attribute}
+    lo, hi = attrs.get("min", -math.inf), attrs.get("max", math.inf)
+    for i, name in ((1, "min"), (2, "max")):
+        if len(node.input) > i and node.input[i]:
+            value = _constant(node.input[i], model, producers)
+            if value is None:
+                return False
+            lo, hi = (value, hi) if name == "min" else (lo, value)
+    return lo < 0.01 and hi > 0.99
+
+
 def _final_activation(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, dict]:
     """The Softmax or Sigmoid whose values the first graph output holds (through shape-only ops that keep the
-    rows), if any, with the inferred dims of every tensor."""
+    rows and value ops that keep the predictions), if any, with the inferred dims of every tensor."""
     if not model.graph.output:
         return None, {}
     from onnxfair.graph.shapes import infer, tensor_dims  # late: the graph package is heavy to import
@@ -53,7 +90,8 @@ def _final_activation(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, di
     dims = tensor_dims(infer(model))
     producers = {o: n for n in model.graph.node for o in n.output if o}
     node = producers.get(model.graph.output[0].name)
-    while node is not None and _op(node) in SHAPE_OPS and _keeps_rows(node, dims):
+    while node is not None and ((_op(node) in SHAPE_OPS and _keeps_rows(node, dims))
+                                or _keeps_predictions(node, model, producers)):
         node = producers.get(node.input[0])
     return (node if node is not None and _op(node) in PROBABILITY_OPS else None), dims
 
@@ -106,11 +144,22 @@ def logit_view(model: onnx.ModelProto) -> onnx.ModelProto:
     logits = node.input[0]
     view = onnx.ModelProto()
     view.CopyFrom(model)
-    first = helper.make_tensor_value_info(logits, model.graph.output[0].type.tensor_type.elem_type, None)
+    first = helper.make_tensor_value_info(logits, _elem_type(model, logits), None)
     rest = [o for o in model.graph.output[1:] if o.name != logits]
     del view.graph.output[:]
     view.graph.output.extend([first, *rest])
     return view
+
+
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    """The element type of tensor `name` (a Cast after it may give the output another one)."""
+    from onnxfair.graph.shapes import infer
+
+    g = infer(model).graph
+    for vi in [*g.value_info, *g.input, *g.output]:
+        if vi.name == name and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    return model.graph.output[0].type.tensor_type.elem_type
 
 
 def _dtype(elem_type: int) -> str | None:

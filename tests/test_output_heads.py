@@ -61,6 +61,15 @@ HEADS = {
     "softmax_unsqueeze_identity": lambda: _then(onnx.load(MLP), [
         helper.make_node("Softmax", ["logits"], ["p"], axis=-1), helper.make_node("Unsqueeze", ["p", "axes"], ["u"]),
         helper.make_node("Identity", ["u"], ["o"])], "o", ["batch", 2, 1], inits=(_axes(2),)),
+    # value ops that keep every prediction (before: read as logits, so every Sigmoid row was class 1)
+    "sigmoid_cast_clip": lambda: _then(_binary_body(), [
+        helper.make_node("Sigmoid", ["z"], ["p"]), helper.make_node("Cast", ["p"], ["c"], to=TensorProto.DOUBLE),
+        helper.make_node("Constant", [], ["hi"], value=numpy_helper.from_array(np.array(1 - 1e-7))),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["o"])], "o", ["batch", 1], elem=TensorProto.DOUBLE,
+        inits=(numpy_helper.from_array(np.array(1e-7), "lo"),)),
+    "softmax_clip": lambda: _then(onnx.load(MLP), [
+        helper.make_node("Softmax", ["logits"], ["p"], axis=1), helper.make_node("Clip", ["p", "lo"], ["o"])],
+        "o", ["batch", 2], inits=(numpy_helper.from_array(np.array(1e-6, np.float32), "lo"),)),
 }
 
 
@@ -114,7 +123,8 @@ def test_an_activation_behind_shape_ops_is_read_as_probabilities(heads, name):
     np.testing.assert_allclose(out.reshape(len(out), -1), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, body", [("softmax_flatten", "body"), ("sigmoid_squeeze", "binary_body")])
+@pytest.mark.parametrize("name, body", [("softmax_flatten", "body"), ("sigmoid_squeeze", "binary_body"),
+                                        ("sigmoid_cast_clip", "binary_body"), ("softmax_clip", "body")])
 def test_risk_takes_the_loss_on_the_logits_behind_shape_ops(heads, name, body):
     _, files = heads
     args = ["--data", CAL, "--groups", "race", "--hutchinson-samples", "0", "--json", "-"]
@@ -134,6 +144,18 @@ def test_pruning_a_sigmoid_squeeze_model_matches_its_logit_body_and_keeps_the_he
     pruned = onnx.load(d / "ss.pruned.onnx")
     assert [n.op_type for n in pruned.graph.node][-2:] == ["Sigmoid", "Squeeze"]
     assert output_activation(pruned) == "Sigmoid"
+
+
+@pytest.mark.parametrize("lo, hi, to", [(0.3, 1.0, None), (0.0, 0.9, None), (None, None, TensorProto.INT64)])
+def test_a_clip_or_cast_that_can_change_predictions_is_not_looked_through(lo, hi, to):
+    if to is None:
+        inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", lo), ("hi", hi))]
+        tail = [helper.make_node("Clip", ["p", "lo", "hi"], ["o"])]
+    else:
+        inits, tail = [], [helper.make_node("Cast", ["p"], ["o"], to=to)]
+    m = _then(_binary_body(), [helper.make_node("Sigmoid", ["z"], ["p"]), *tail], "o", ["batch", 1],
+              elem=to or TensorProto.FLOAT, inits=tuple(inits))
+    assert output_activation(m) is None
 
 
 def test_a_reshape_that_folds_rows_together_is_not_looked_through():
