@@ -400,7 +400,7 @@ def prune_model(
             "macs_dense": cd.macs, "macs_pruned": cp.macs, "params_dense": cd.params, "params_pruned": cp.params,
             "bytes_dense": cd.bytes, "bytes_pruned": cp.bytes,
             "macs_ratio": cp.macs / max(cd.macs, 1), "params_ratio": cp.params / max(cd.params, 1),
-            "macs_uncounted": sorted(set(cd.unknown) | set(cp.unknown)),
+            "macs_uncounted": sorted(set(cd.unknown) | set(cp.unknown)), "macs_batch": cd.batch,
         }
         note = uncounted_note(cost["macs_uncounted"])
         if note:

@@ -103,6 +103,22 @@ def test_a_model_that_fixes_its_batch_is_counted_at_that_batch_and_says_so():
     assert (two.macs, two.batch) == (24, 2)
 
 
+@pytest.mark.parametrize("pin", [1, 4])
+def test_a_reshape_that_pins_the_batch_is_counted_at_that_batch(pin):
+    """Before: behind a symbolic input, the head was counted at batch 1 and the layers after a Reshape to a
+    constant [4, 6] at batch 4 (288 = 4 x 72 labelled batch 1; a conv model mixed both batches)."""
+    inits = [numpy_helper.from_array(np.array([pin, 6], np.int64), "s"),
+             numpy_helper.from_array(np.ones((8, 6), np.float32), "W1"),
+             numpy_helper.from_array(np.ones((3, 8), np.float32), "W2")]
+    nodes = [helper.make_node("Gemm", ["x", "W0"], ["z"], transB=1), helper.make_node("Reshape", ["z", "s"], ["r"]),
+             helper.make_node("Gemm", ["r", "W1"], ["h"], transB=1), helper.make_node("Gemm", ["h", "W2"], ["y"], transB=1)]
+    inits.append(numpy_helper.from_array(np.ones((6, 5), np.float32), "W0"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [pin, 3])], inits)
+    c = model_cost(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert (c.macs, c.batch) == (pin * (5 * 6 + 6 * 8 + 8 * 3), pin)
+
+
 def _const_node(name: str, arr: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(arr))
 

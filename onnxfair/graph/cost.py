@@ -98,6 +98,11 @@ def cost_and_node_macs(model: onnx.ModelProto,
     fixed = shp.set_input_dims(folded, input_shapes, batch=1, require_static=True)
     del fixed.graph.value_info[:]
     dims = shp.static_dims(fixed)
+    pinned = _pinned_batch(folded, dims)
+    if pinned > 1:  # count the whole graph at the batch it runs at, not its tail at B and its head at 1
+        fixed = shp.set_input_dims(folded, input_shapes, batch=pinned, require_static=True)
+        del fixed.graph.value_info[:]
+        dims = shp.static_dims(fixed)
     g = folded.graph
     float_inits = {i.name: prod(i.dims) for i in g.initializer if i.data_type in FLOAT_TYPES}
     for sp in g.sparse_initializer:
@@ -127,5 +132,20 @@ def cost_and_node_macs(model: onnx.ModelProto,
                   if vi.name not in inits and len(vi.type.tensor_type.shape.dim) >= 2
                   and vi.type.tensor_type.shape.dim[0].HasField("dim_value")), 1)
     cost = Cost(macs=int(per_index.sum()), params=int(sum(float_inits.values())), bytes=int(model.ByteSize()),
-                per_node=rows, unknown=unknown, batch=int(batch) or 1)
+                per_node=rows, unknown=unknown, batch=max(int(batch) or 1, pinned))
     return cost, per_index
+
+
+def _pinned_batch(folded: onnx.ModelProto, dims: dict[str, shp.Dims]) -> int:
+    """B when the graph hard-codes its batch behind a symbolic input: counted at batch 1, a Reshape to a
+    constant [B, ...] has B times its input's elements (it would fail at run time; onnxruntime runs such a
+    graph B rows at a time). 1 otherwise."""
+    consts = {i.name: i for i in folded.graph.initializer}
+    for node in folded.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        shape = onnx.numpy_helper.to_array(consts[node.input[1]]).reshape(-1)
+        a, b = dims.get(node.input[0]), dims.get(node.output[0])
+        if shape.size and shape[0] > 1 and _static(a) and _static(b) and prod(b) == shape[0] * prod(a):
+            return int(shape[0])
+    return 1
