@@ -6,7 +6,7 @@ import click
 
 from cli.options import emit_json, load_model, parse_input_shapes, progress
 from cli.outputs import check_outputs
-from onnxfair.errors import UsageError
+from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.graph.cost import uncounted_note
 from onnxfair.inspect import inspect_model
 from onnxfair.prune import unmatched_patterns, unmatched_warning
@@ -24,7 +24,7 @@ def _format(rep: dict) -> str:
         if note:
             lines.append(f"note: {note}")
     lines.append("unsupported ops: " + (", ".join(rep["unsupported_ops"]) or "none"))
-    if "verify" in rep:
+    if "verify" in rep and "error" not in rep["verify"]:
         v = rep["verify"]
         lines.append(f"verify vs onnxruntime: max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}")
     ca = rep.get("channel_analysis")
@@ -68,6 +68,8 @@ def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...]
     if json_out != "-":
         click.echo(_format(rep))
     emit_json(rep, json_out)
+    if "error" in rep.get("verify", {}):  # the description is out; the comparison asked for could not run
+        raise UnsupportedError(rep["verify"]["error"])
 
 
 COMMANDS = [inspect]

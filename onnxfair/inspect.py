@@ -27,9 +27,10 @@ def inspect_model(
     seed: int = 0,
 ) -> dict:
     """The `inspect` report; `verify` runs the interpreter against onnxruntime on seeded random inputs."""
-    from onnxfair.errors import UnsupportedError
+    from onnxfair.errors import OnnxfairError, UnsupportedError
     from onnxfair.graph import model_cost
     from onnxfair.interpret import unsupported_ops
+    from onnxfair.interpret.compile import refusal_message
 
     inits = {i.name for i in model.graph.initializer}
     ops = Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type for n in model.graph.node)
@@ -51,14 +52,16 @@ def inspect_model(
     except UnsupportedError as exc:
         report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
     if verify:
+        # what stops the comparison is reported with the rest (the caller exits 2 after showing it)
         if unsupported:
-            raise UnsupportedError(
-                "cannot verify: unsupported ops " + ", ".join(report["unsupported_ops"])
-                + "; onnxfair refuses to approximate them"
-            )
-        from onnxfair.interpret import verify as run_verify
+            report["verify"] = {"error": "cannot verify: " + refusal_message(unsupported)}
+        else:
+            from onnxfair.interpret import verify as run_verify
 
-        report["verify"] = run_verify(model, input_shapes=input_shapes, seed=seed)
+            try:
+                report["verify"] = run_verify(model, input_shapes=input_shapes, seed=seed)
+            except OnnxfairError as exc:
+                report["verify"] = {"error": f"cannot verify: {exc}"}
     if groups:
         from onnxfair.graph import analyze
 

@@ -48,7 +48,7 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
         try:
             onnx.checker.check_model(model, full_check=False)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__  # the checker's text spans lines
             raise ModelError(f"{p} is rejected by the ONNX checker: {first}; re-export the model") from None
     return model
 

@@ -232,4 +232,5 @@ def _prune_dead(steps: list[Step], outputs: list[str]) -> list[Step]:
 
 def refusal_message(refusals: Counter) -> str:
     parts = ", ".join(f"{k} x{v}" for k, v in sorted(refusals.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"unsupported ops: {parts}; onnxfair cannot interpret these faithfully"
+    return (f"unsupported ops: {parts}; onnxfair cannot interpret these faithfully, so it refuses the model: "
+            "re-export it with them expressed through supported ops (`onnxfair inspect MODEL` lists what is left)")
