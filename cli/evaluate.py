@@ -24,6 +24,7 @@ from onnxfair.report import format_comparison, format_evaluation
 def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, device: str, batch_size: int,
              latency_batch: int, input_shape: tuple[str, ...], **kw) -> None:
     """Per-group accuracy and disparity of MODEL on --data, with onnxruntime."""
+    _latency_batch_read(no_latency, latency_batch)
     check_outputs({"model": model, "--data": data}, {"--json": json_out})
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
@@ -47,6 +48,7 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
 def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_latency: bool, device: str,
             batch_size: int, latency_batch: int, input_shape: tuple[str, ...], **kw) -> None:
     """MODEL_A (dense) and MODEL_B (pruned) side by side, with the degradation of B relative to A."""
+    _latency_batch_read(no_latency, latency_batch)
     check_outputs({"MODEL_A": model_a, "MODEL_B": model_b, "--data": data}, {"--json": json_out})
     a, b = load_model(model_a), load_model(model_b)
     _same_inputs(a, b)
@@ -63,6 +65,13 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     speedup = latency_summary(ea["latency"], eb["latency"])["speedup"] if ea.get("latency") and eb.get("latency") else None
     emit_json({"onnxfair_comparison": 1, "data": data, "groups_by": ds.attributes, "a": {"model": model_a, **ea},
                "b": {"model": model_b, **eb}, "degradation": deg, "speedup": speedup}, json_out)
+
+
+def _latency_batch_read(no_latency: bool, latency_batch: int) -> None:
+    """An option moved from its default that the run would not read is refused, as `prune` refuses it."""
+    if no_latency and latency_batch != 1:
+        raise UsageError(f"--latency-batch {latency_batch} has no effect with --no-latency, which skips latency "
+                         "timing; drop --latency-batch")
 
 
 def _same_classes(oa: dict, ob: dict) -> None:

@@ -165,8 +165,12 @@ def create_session(
 
 
 def timing_batch(sessions: list[Session], wanted: int) -> int:
-    """The batch to time every session at: `wanted` when all take any batch, else the one a graph fixes."""
+    """The batch to time every session at: `wanted` when all take any batch, else the one a graph fixes (said
+    on stderr when another batch than the default 1 was asked for)."""
     fixed = [s.declared_batch for s in sessions if not s.batch_dynamic]
+    if fixed and wanted not in (1, fixed[0]):
+        warn_once(f"--latency-batch {wanted} cannot be honoured: the model runs batches of {fixed[0]} rows only; "
+                  f"timing at batch {fixed[0]}")
     return fixed[0] if fixed else wanted
 
 

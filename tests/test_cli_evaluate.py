@@ -12,6 +12,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import accuracy_score
 
 from cli.main import app
+from onnxfair import runtime
 from tests.conftest import linear_model
 
 
@@ -69,16 +70,29 @@ def _hard_coded_batch(w, b, batch: int, target) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
-def test_a_graph_that_pins_its_batch_is_evaluated_in_batches_of_that_size(tiny_linear, tmp_path, batch):
+def test_a_graph_that_pins_its_batch_is_evaluated_in_batches_of_that_size(tiny_linear, tmp_path, batch, monkeypatch):
     """200 rows in batches of 3 leave a padded last batch; every row must still be scored as the dynamic model does."""
     p = tmp_path / "pinned.onnx"
     onnx.save(_hard_coded_batch(tiny_linear["w"], tiny_linear["b"], batch, [batch, 4]), p)
+    monkeypatch.setattr(runtime, "_WARNED", set())  # warnings are once per process
     r = run("evaluate", p, "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--latency-batch", "8")
     assert r.exit_code == 0, r.output
     dyn = run("evaluate", tiny_linear["path"], "--data", tiny_linear["data"], "--groups", "race", "--json", "-", "--no-latency")
     rep = json.loads(r.stdout)
     assert rep["groups"] == json.loads(dyn.stdout)["groups"]
     assert rep["latency"]["batch_size"] == batch  # timed at the only batch the graph runs at
+    assert f"--latency-batch 8 cannot be honoured: the model runs batches of {batch} rows only" in r.stderr
+
+
+def test_latency_batch_without_latency_is_refused(tiny_linear):
+    """Before: --latency-batch with --no-latency was accepted and ignored (prune refuses it)."""
+    for command in (["evaluate", tiny_linear["path"]], ["compare", tiny_linear["path"], tiny_linear["path"]]):
+        msg = _one_line_error([*command, "--data", tiny_linear["data"], "--groups", "race", "--no-latency",
+                               "--latency-batch", "8"])
+        assert msg == "error: --latency-batch 8 has no effect with --no-latency, which skips latency timing; drop --latency-batch"
+    r = run("evaluate", tiny_linear["path"], "--data", tiny_linear["data"], "--groups", "race", "--no-latency",
+            "--latency-batch", "1")  # spelled out at its default: accepted
+    assert r.exit_code == 0, r.output
 
 
 def test_data_free_prune_times_a_graph_that_pins_its_batch_at_that_batch(tiny_linear, tmp_path):
