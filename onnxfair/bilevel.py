@@ -62,7 +62,7 @@ Binarisation (onnxfair.select, the selection every method uses)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -251,6 +251,7 @@ def bilevel_prune(
     finetune_loss: str = "ce",
     finetune_lr: float = 1e-3,
     progress: Callable[[str], None] | None = None,
+    fixed_weights: Collection[str] = (),
 ) -> BilevelResult:
     """Learn masks and weights jointly with a group-loss spread penalty; return the binarised selection.
 
@@ -259,7 +260,8 @@ def bilevel_prune(
     dense model (`model`, the ONNX model it was built from, keeps BatchNormalization statistics frozen);
     its parameters are trained in place (lower level) and the hard masks are left set on it.
     The budget is `sparsity` (fraction removed) or, structured only, `target_macs` (fraction of MACs kept;
-    `macs_fn` and `dense_macs` as in :func:`onnxfair.select.select_channels`).
+    `macs_fn` and `dense_macs` as in :func:`onnxfair.select.select_channels`). `fixed_weights` (initializers
+    --ignore keeps untouched) are never trained.
     """
     if (sparsity is None) == (target_macs is None):
         raise UsageError("give exactly one budget: sparsity (fraction removed) or target_macs (fraction of MACs kept)")
@@ -321,7 +323,7 @@ def bilevel_prune(
         return dict(zip(units, values))
 
     frozen = statistics_names(model if model is not None else module_model(mod))
-    wnames = [n for n, p in mod.params.items() if n not in frozen and p.is_floating_point()]
+    wnames = [n for n, p in mod.params.items() if n not in frozen and n not in fixed_weights and p.is_floating_point()]
     saved_flags = {n: p.requires_grad for n, p in mod.params.items()}
     w_opt = torch.optim.Adam([mod.params[n] for n in wnames], lr=weight_lr) if update_weights else None
     s_opt = torch.optim.Adam(scores, lr=score_lr)
@@ -420,6 +422,6 @@ def bilevel_prune(
         res.finetune = finetune(
             mod, train, val, masks=hard_masks, epochs=finetune_epochs, loss=finetune_loss, lr=finetune_lr,
             batch_size=batch_size, seed=seed, dense_probs=dense_probs, dense_val_probs=dense_val_probs,
-            model=model, progress=progress, beta=beta, gamma=gamma,
+            model=model, progress=progress, beta=beta, gamma=gamma, trainable=wnames,
         )
     return res

@@ -337,7 +337,7 @@ def prune_model(
             dense = model
             units = weight_names(dense)
             if cfg.ignore:
-                ignored = _ignored_initializers(model, cfg.ignore)
+                ignored = ignored_initializers(model, cfg.ignore)
                 units = [u for u in units if u not in ignored]
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
@@ -484,7 +484,7 @@ def unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> lis
     return [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
 
 
-def _ignored_initializers(model: onnx.ModelProto, patterns: tuple[str, ...]) -> set[str]:
+def ignored_initializers(model: onnx.ModelProto, patterns: tuple[str, ...]) -> set[str]:
     """Initializers --ignore keeps: named by a pattern, or read by a node a pattern names (as the channel
     analysis does for structured pruning)."""
     kept = {i.name for i in model.graph.initializer if any(fnmatchcase(i.name, p) for p in patterns)}

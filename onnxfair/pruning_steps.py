@@ -134,11 +134,18 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
         round_to=cfg.round_to if cfg.structured else 1, alpha=cfg.bilevel_alpha, loss=cfg.loss,
         beta=cfg.beta, gamma=cfg.gamma,
         batch_size=cfg.batch_size, seed=cfg.seed, model=dense,
-        progress=progress, **budget,
+        progress=progress, fixed_weights=ignored_weights(dense, cfg), **budget,
     )
     if cfg.structured:
         return res.keep, channel_masks(an, res.keep), mod
     return None, res.masks, mod
+
+
+def ignored_weights(dense: onnx.ModelProto, cfg: Any) -> set[str]:
+    """Initializers --ignore keeps untouched: never pruned (the selection's job), and never trained either."""
+    from onnxfair.prune import ignored_initializers
+
+    return ignored_initializers(dense, cfg.ignore) if cfg.ignore else set()
 
 
 def finetune_and_write_back(
@@ -184,6 +191,7 @@ def finetune_masked(
         lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
         eps=cfg.finetune_eps if cfg.finetune_loss == "ceag" else None,
         beta=cfg.beta, gamma=cfg.gamma, model=dense, progress=progress, **reference,
+        trainable=[n for n in mod.params if n not in ignored_weights(dense, cfg)],
     )
     mod.set_masks(_to_torch_masks(masks, device))
     return res.to_dict()

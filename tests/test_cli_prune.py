@@ -277,6 +277,29 @@ def test_ignore_keeps_a_named_nodes_weights_dense_and_warns_about_a_pattern_that
     assert "'node_linear_1' matches no" not in r.stderr
 
 
+@pytest.mark.parametrize("extra, ignored", [
+    (["--method", "taylor", "--unstructured", "--finetune-epochs", "3", "--finetune-lr", "0.01"], "fc2.weight"),
+    (["--method", "taylor", "--finetune-epochs", "3", "--finetune-lr", "0.01"], "node_linear"),
+    (["--method", "fairgrape", "--unstructured", "--iterations", "2", "--step-epochs", "1", "--finetune-lr", "0.01"],
+     "fc2.weight"),
+    (["--method", "bilevel", "--bilevel-steps", "5", "--unstructured"], "fc2.weight"),
+    (["--method", "bilevel", "--bilevel-steps", "5"], "node_linear"),
+])
+def test_weight_updates_leave_ignored_initializers_byte_identical(tmp_path, extra, ignored):
+    """Before: --ignore kept the weights from being pruned, but fine-tuning, step epochs and bilevel's lower level
+    still trained them (and an ignored node's bias), with exit 0."""
+    out = tmp_path / "p.onnx"
+    r = run("prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.8", "--ignore", ignored, "--threads", "1",
+            "--no-latency", *extra, "-o", out)
+    assert r.exit_code == 0, r.output
+    dense, pruned = initializer_arrays(onnx.load(MLP)), initializer_arrays(onnx.load(out))
+    kept = {"node_linear": ["fc1.weight", "fc1.bias"]}.get(ignored, [ignored])
+    for name in kept:
+        assert pruned[name].tobytes() == dense[name].tobytes(), name
+    others = [n for n in dense if n not in kept and n.endswith("weight")]
+    assert any(pruned[n].shape != dense[n].shape or not np.array_equal(pruned[n], dense[n]) for n in others)
+
+
 def test_latency_is_a_phase_of_its_own_beside_evaluate(monkeypatch):
     """timing's phases are exclusive and add up to the run: the latency repetitions must not hide in evaluate."""
     import time
