@@ -380,6 +380,29 @@ def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: 
     return x.astype(spec.dtype)
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pixels(im, mode: str, size: tuple[int, int], rel: str) -> np.ndarray:
+    """The image as float32 in [0, 1], `mode`'s channels, resized to (H, W). A 16-bit grey image is scaled by
+    its own depth (Pillow's convert would clip it at 255: an all-white image); 32-bit integer and float pixels
+    have no known range and are refused."""
+    from PIL import Image
+
+    if im.mode in ("I", "F"):
+        raise DataError(f"image {rel} has {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels, whose "
+                        "range onnxfair cannot tell; save it as an 8- or 16-bit PNG")
+    if im.mode in SIXTEEN_BIT:
+        if mode == "RGBA":
+            raise DataError(f"image {rel} is 16-bit grey and the model takes RGBA; save it as an 8-bit RGBA PNG")
+        grey = np.asarray(im, dtype=np.float32) / 65535.0
+        if im.size != (size[1], size[0]):
+            grey = np.asarray(Image.fromarray(grey).resize((size[1], size[0]), Image.BILINEAR))
+        return np.repeat(grey[..., None], len(mode), axis=2)
+    im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
 def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions):
     try:
         from PIL import Image
@@ -428,8 +451,9 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
                 if im.mode != mode:
                     converted[im.mode] = converted.get(im.mode, 0) + 1
                 resized += im.size != (size[1], size[0])
-                im = im.convert(mode).resize((size[1], size[0]), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                arr = _pixels(im, mode, size, rel)
+        except DataError:
+            raise
         except FileNotFoundError:
             raise DataError(f"image {rel} listed in {p.name} not found; paths are relative to the manifest") from None
         except Exception as exc:

@@ -79,6 +79,45 @@ def test_image_manifest(tmp_path):
         load_dataset(tmp_path / "empty.csv", model, "tone")
 
 
+def test_sixteen_bit_grey_images_are_scaled_by_their_depth(tmp_path):
+    """Before: Pillow's convert clipped 16-bit grey pixels at 255, so every image read as white (exit 0)."""
+    from PIL import Image
+    from onnx import TensorProto, helper
+
+    from onnxfair.data import ImageOptions
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4, 8, 10), dtype=np.uint8)
+    for depth in (8, 16):
+        rows = []
+        for i, g in enumerate(grey):
+            im = Image.fromarray(g) if depth == 8 else Image.fromarray(g.astype(np.uint16) * 257)
+            im.save(tmp_path / f"{depth}_{i}.png")
+            rows.append({"path": f"{depth}_{i}.png", "label": i % 2, "tone": "a"})
+        pd.DataFrame(rows).to_csv(tmp_path / f"m{depth}.csv", index=False)
+    assert Image.open(tmp_path / "16_0.png").mode.startswith("I;16")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    eight, sixteen = (load_dataset(tmp_path / f"m{d}.csv", model, "tone").inputs["x"] for d in (8, 16))
+    want = np.repeat(grey[:, None].astype(np.float32) / 255, 3, axis=1)
+    np.testing.assert_allclose(eight, want, atol=1e-7)
+    np.testing.assert_allclose(sixteen, want, atol=1e-6)
+    # resized, both depths agree to within the 8-bit rounding
+    opts = ImageOptions(size=(4, 5))
+    small = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 5])]
+    model.graph.ClearField("input")
+    model.graph.input.extend(small)
+    a, b = (load_dataset(tmp_path / f"m{d}.csv", model, "tone", image=opts).inputs["x"] for d in (8, 16))
+    np.testing.assert_allclose(a, b, atol=1 / 255)
+    Image.fromarray(grey[0].astype(np.float32)).save(tmp_path / "f.tiff")
+    pd.DataFrame([{"path": "f.tiff", "label": 0, "tone": "a"}]).to_csv(tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match="image f.tiff has floating-point pixels, whose range onnxfair cannot tell"):
+        load_dataset(tmp_path / "f.csv", model, "tone")
+
+
 @pytest.mark.parametrize(
     "arrays, groups, label, message",
     [
