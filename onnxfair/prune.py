@@ -299,7 +299,7 @@ def prune_model(
     evaluation from earlier calls on the same model and data; the report is the same with or without it.
     """
     from onnxfair.evaluate import evaluate_models
-    from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels
+    from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
     from onnxfair.graph.cost import uncounted_note
 
     cfg.validate(has_data=calib is not None)
@@ -334,7 +334,7 @@ def prune_model(
             units = an.groups
         else:
             an = None
-            dense = model
+            dense = to_dense_storage(model) if model.graph.sparse_initializer else model  # a --sparse-storage output
             units = weight_names(dense)
             if cfg.ignore:
                 ignored = ignored_initializers(model, cfg.ignore)

@@ -72,6 +72,44 @@ def test_sparse_storage_loads_and_is_smaller():
     assert len(to_sparse_storage(m).graph.sparse_initializer) == 0
 
 
+def test_sparse_storage_keeps_no_dense_type_for_a_moved_weight():
+    """Before: value_info still declared the moved weights dense, so onnx shape inference (which optimisers and
+    converters run) failed with a type case mismatch."""
+    m = onnx.shape_inference.infer_shapes(_mlp())
+    weights = [i.name for i in m.graph.initializer if len(i.dims) == 2]
+    m.graph.value_info.extend(helper.make_tensor_value_info(w, TP.FLOAT, None) for w in weights)
+    rng = np.random.default_rng(1)
+    stored = to_sparse_storage(mask_weights(m, {i.name: (rng.random(tuple(i.dims)) > 0.9).astype(np.float32)
+                                                 for i in m.graph.initializer if len(i.dims) == 2}))
+    assert {sp.values.name for sp in stored.graph.sparse_initializer} == set(weights)
+    assert not {vi.name for vi in stored.graph.value_info} & set(weights)
+    onnx.shape_inference.infer_shapes(stored, strict_mode=True)
+
+
+def test_prune_reads_a_sparse_stored_model(tmp_path):
+    """Before: re-pruning a --sparse-storage output unstructured said "nothing prunable" (its weights were sparse
+    initializers); they are read densified, exactly."""
+    from click.testing import CliRunner
+
+    from cli.main import app
+    from tests.conftest import FIXTURES
+
+    mlp, cal = FIXTURES / "adult_mlp.onnx", FIXTURES / "adult_calib.npz"
+    args = ["--data", cal, "--groups", "race", "--method", "magnitude", "--unstructured", "--scope", "layer", "--no-latency"]
+    first, second = tmp_path / "s.onnx", tmp_path / "t.onnx"
+    r = CliRunner().invoke(app, [str(a) for a in ["prune", mlp, *args, "--sparsity", "0.8", "--sparse-storage", "-o", first]])
+    assert r.exit_code == 0 and onnx.load(first).graph.sparse_initializer, r.output
+    r = CliRunner().invoke(app, [str(a) for a in ["prune", first, *args, "--sparsity", "0.9", "-o", second]])
+    assert r.exit_code == 0, r.output
+    w = {i.name: numpy_helper.to_array(i) for i in onnx.load(second).graph.initializer}
+    dense = to_dense_storage(onnx.load(first))
+    before = {i.name: numpy_helper.to_array(i) for i in dense.graph.initializer}
+    assert set(w) == set(before) and np.count_nonzero(w["fc1.weight"]) == round(0.1 * w["fc1.weight"].size)
+    kept = w["fc1.weight"] != 0
+    np.testing.assert_array_equal(w["fc1.weight"][kept], before["fc1.weight"][kept])  # nested in the first zeros
+    assert not (kept & (before["fc1.weight"] == 0)).any()
+
+
 @pytest.mark.parametrize("n_keep,size,round_to,expected", [
     (32, 64, 8, 32), (30, 64, 8, 32), (27, 64, 8, 24), (28, 64, 8, 32), (3, 64, 8, 8), (0, 64, 8, 8),
     (63, 64, 8, 64), (70, 64, 8, 64), (3, 6, 8, 3), (0, 6, 8, 1), (5, 10, 1, 5), (9, 10, 8, 8), (10, 10, 8, 10),

@@ -49,6 +49,11 @@ def to_sparse_storage(model: onnx.ModelProto, min_elements: int = 64) -> onnx.Mo
         del g.initializer[:]
         g.initializer.extend(keep)
         g.sparse_initializer.extend(sparse)
+        # a dense type declared for a now-sparse tensor makes onnx's checker and shape inference fail
+        moved = {sp.values.name for sp in sparse}
+        kept_info = [vi for vi in g.value_info if vi.name not in moved]
+        del g.value_info[:]
+        g.value_info.extend(kept_info)
     return m
 
 
