@@ -283,7 +283,8 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
         except Exception as exc:
             if isinstance(exc, ValueError) and "allow_pickle" in str(exc):
                 raise DataError(f"array {k!r} in {p.name} holds Python objects, which onnxfair refuses to unpickle for "
-                                f"safety; save strings with a fixed-width dtype, e.g. numpy.savez(..., {k}=arr.astype(str))") from None
+                                f"safety; fill in missing values, then save strings with a fixed-width dtype, e.g. "
+                                f"numpy.savez(..., {k}=arr.astype(str))") from None
             raise DataError(f"cannot read array {k!r} of {p.name} ({type(exc).__name__}); save it with numpy.savez") from None
     _check_columns(keys, [label], "label array", p)
     _check_columns(keys, attributes, "group array", p)

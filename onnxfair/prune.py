@@ -197,7 +197,8 @@ def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     refused = unsupported_ops(model)
     if refused:
         return UnsupportedError(refusal_message(refused))
-    reasons = "; ".join(sorted({f["reason"] for f in an.frozen})[:3]) or "no Conv/Gemm/MatMul channels"
+    # a space frozen for several reasons gives them joined by "; ": each reason is named once
+    reasons = "; ".join(sorted({r for f in an.frozen for r in f["reason"].split("; ")})[:3]) or "no Conv/Gemm/MatMul channels"
     return UsageError(f"nothing prunable in this graph ({reasons}); try --unstructured")
 
 
@@ -317,6 +318,11 @@ def prune_model(
         note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
         if note:
             warn_once(note)
+        unseen = _groups_not_scored(fit, held)
+        if unseen:
+            progress(f"warning: {len(unseen)} evaluated group{'s have' if len(unseen) > 1 else ' has'} no rows in "
+                     f"the data the method learns from ({', '.join(unseen[:3])}{', ...' if len(unseen) > 3 else ''}): "
+                     "nothing protects them; add such rows to --data")
         for pattern in unmatched_patterns(model, cfg.ignore):
             progress(unmatched_warning(pattern))
         if cfg.structured:
@@ -366,10 +372,9 @@ def prune_model(
             total = sum(g["channels"] for g in structure["groups"])
             removed = total - sum(g["kept"] for g in structure["groups"])
             structure["channels"] = {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
-            if cfg.sparsity is not None and cfg.sparsity - removed / max(total, 1) > 0.02:
-                floor = (f"every group keeps at least one block of --round-to {cfg.round_to}; lower --round-to "
-                         "for a closer fit" if cfg.round_to > 1 else "every group keeps at least one channel")
-                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: {floor}")
+            if cfg.sparsity is not None and abs(cfg.sparsity - removed / max(total, 1)) > 0.02:
+                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: "
+                         f"{_sparsity_miss_reason(cfg, structure['groups'], removed / max(total, 1))}")
         else:
             pruned = mask_weights(dense_for_rewrite, masks)
             total = sum(int(m.size) for m in masks.values())
@@ -475,6 +480,24 @@ def _settings(cfg: PruneConfig) -> dict:
 def unmatched_warning(pattern: str) -> str:
     return (f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
             "onnxfair inspect --groups lists the names")
+
+
+def _sparsity_miss_reason(cfg: PruneConfig, groups: list[dict], removed: float) -> str:
+    """Why the channels removed miss --sparsity: a floor every group keeps (a shortfall with groups at it), or
+    counts rounded to multiples of --round-to."""
+    floors = [g for g in groups if g["kept"] == min(max(cfg.round_to, 1), g["channels"]) < g["channels"]]
+    if removed < cfg.sparsity and floors:
+        return (f"every group keeps at least one block of --round-to {cfg.round_to} ({len(floors)} at it); lower "
+                "--round-to for a closer fit" if cfg.round_to > 1 else "every group keeps at least one channel")
+    return f"channel counts are rounded to multiples of --round-to {cfg.round_to}; lower --round-to for a closer fit"
+
+
+def _groups_not_scored(fit: GroupedDataset | None, held: GroupedDataset | None) -> list[str]:
+    """Groups the evaluation reports that the scoring and fine-tuning rows lack."""
+    if fit is None or held is None:
+        return []
+    present = {g for g, n in fit.group_counts().items() if n}
+    return [g for g, n in held.group_counts().items() if n and g not in present]
 
 
 def unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:

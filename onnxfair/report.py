@@ -170,6 +170,9 @@ def format_prune(report: dict) -> str:
         )
     if "dense" in report:
         lines.append("")
+        source = report.get("evaluation", {}).get("source", "")
+        if source.startswith("held-out"):  # not the user's own evaluation data: say which rows were judged
+            lines += [f"judged on {report['evaluation']['n']} rows: the {source}", ""]
         lines.append(format_comparison(report["dense"], report["pruned"], report["degradation"], "dense", "pruned"))
     note = report.get("structure", {}).get("note")
     if note:

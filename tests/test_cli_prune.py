@@ -115,9 +115,16 @@ def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
     assert r.exit_code == 0, r.output
     ch = json.loads(r.stdout)["structure"]["channels"]
     assert (ch["prunable"], ch["removed"], ch["sparsity"]) == (128, 96, 0.75)
-    assert "0.750 of the channels removed, not 0.95" in r.stderr and "lower --round-to" in r.stderr
+    assert ("0.750 of the channels removed, not 0.95: every group keeps at least one block of --round-to 16 (2 at "
+            "it); lower --round-to for a closer fit") in r.stderr
     r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.5", "-o", out, "--json", "-", "--no-latency")
     assert json.loads(r.stdout)["structure"]["channels"]["sparsity"] == 0.5 and "warning" not in r.stderr
+    # before: an overshoot was silent, and a shortfall from rounding to the nearest block blamed the floor
+    for sparsity, got in (("0.7", "0.750"), ("0.3", "0.250")):
+        r = run("prune", MLP, "--method", "magnitude", "--sparsity", sparsity, "--scope", "layer", "-o", out,
+                "--no-latency")
+        assert (f"{got} of the channels removed, not {sparsity}: channel counts are rounded to multiples of "
+                "--round-to 8; lower --round-to for a closer fit") in r.stderr, r.stderr
 
 
 def test_the_cli_offers_every_finetune_loss_there_is():
@@ -298,6 +305,30 @@ def test_weight_updates_leave_ignored_initializers_byte_identical(tmp_path, extr
         assert pruned[name].tobytes() == dense[name].tobytes(), name
     others = [n for n in dense if n not in kept and n.endswith("weight")]
     assert any(pruned[n].shape != dense[n].shape or not np.array_equal(pruned[n], dense[n]) for n in others)
+
+
+def test_nothing_prunable_names_each_reason_once(tmp_path):
+    msg = _error(["prune", MLP, "--ignore", "fc2.*", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "n.onnx"])
+    assert msg == ("error: nothing prunable in this graph (initializer fc2.bias matches ignore pattern 'fc2.*'; initializer "
+                   "fc2.weight matches ignore pattern 'fc2.*'; reaches graph output logits); try --unstructured")
+
+
+def test_groups_the_method_never_sees_and_the_held_out_rows_are_said(tmp_path):
+    """Before: a calibration set without some evaluated groups was taken silently, and the terminal summary did
+    not say it judged a held-out part of --data rather than evaluation data."""
+    cal = dict(np.load(CAL))
+    keep = np.isin(cal["race"], ["White", "Black"])
+    np.savez(tmp_path / "wb.npz", **{k: v[keep] for k, v in cal.items()})
+    base = ["prune", MLP, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5", "--no-latency"]
+    r = run(*base, "--data", tmp_path / "wb.npz", "--eval-data", FIXTURES / "adult_eval.npz", "-o", tmp_path / "a.onnx")
+    assert r.exit_code == 0, r.output
+    assert ("warning: 3 evaluated groups have no rows in the data the method learns from (race=Amer-Indian-Eskimo, "
+            "race=Asian-Pac-Islander, race=Other): nothing protects them; add such rows to --data") in r.stderr
+    assert "judged on" not in r.stdout
+    r = run(*base, "--data", CAL, "-o", tmp_path / "b.onnx", "--report", tmp_path / "b.json")
+    assert r.exit_code == 0 and "no rows in the data the method learns from" not in r.stderr
+    n = json.loads((tmp_path / "b.json").read_text())["evaluation"]["n"]
+    assert 590 < n < 610 and f"judged on {n} rows: the held-out 30% of --data (seed 0, stratified by group)" in r.stdout
 
 
 def test_latency_is_a_phase_of_its_own_beside_evaluate(monkeypatch):

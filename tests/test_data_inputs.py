@@ -279,7 +279,8 @@ def test_an_npz_with_object_arrays_says_why_and_how_to_save_it(tmp_path):
     np.savez(tmp_path / "o.npz", x=np.zeros((2, 4), np.float32), y=np.array([0, 1]), race=np.array(["A", "B"], dtype=object))
     line = _cli_error("evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "o.npz", "--groups", "race", "--no-latency")
     assert line == ("error: array 'race' in o.npz holds Python objects, which onnxfair refuses to unpickle for safety; "
-                    "save strings with a fixed-width dtype, e.g. numpy.savez(..., race=arr.astype(str))")
+                    "fill in missing values, then save strings with a fixed-width dtype, e.g. "
+                    "numpy.savez(..., race=arr.astype(str))")
 
 
 @pytest.mark.parametrize("suffix", ["csv", "parquet"])
