@@ -181,6 +181,7 @@ def finetune_masked(
 
     train, val = fit.split(0.2, seed=cfg.seed)
     device = str(torch_device(cfg.device))
+    fixed = ignored_weights(dense, cfg)
     reference = {}
     if cfg.finetune_loss in DENSE_REFERENCE_LOSSES:
         # the dense model's predictions, from the untouched graph: `mod` may hold bi-level-trained weights
@@ -191,7 +192,7 @@ def finetune_masked(
         lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
         eps=cfg.finetune_eps if cfg.finetune_loss == "ceag" else None,
         beta=cfg.beta, gamma=cfg.gamma, model=dense, progress=progress, **reference,
-        trainable=[n for n in mod.params if n not in ignored_weights(dense, cfg)],
+        trainable=[n for n in mod.params if n not in fixed],
     )
     mod.set_masks(_to_torch_masks(masks, device))
     return res.to_dict()
