@@ -54,14 +54,14 @@ def inspect_model(
     if verify:
         # what stops the comparison is reported with the rest (the caller exits 2 after showing it)
         if unsupported:
-            report["verify"] = {"error": "cannot verify: " + refusal_message(unsupported)}
+            report["verify"] = {"error": "--verify: " + refusal_message(unsupported)}
         else:
             from onnxfair.interpret import verify as run_verify
 
             try:
                 report["verify"] = run_verify(model, input_shapes=input_shapes, seed=seed)
             except OnnxfairError as exc:
-                report["verify"] = {"error": f"cannot verify: {exc}"}
+                report["verify"] = {"error": str(exc) if str(exc).startswith("--verify") else f"--verify: {exc}"}
     if groups:
         from onnxfair.graph import analyze
 

@@ -249,7 +249,7 @@ def test_inspect_verify_and_unsupported(tmp_path):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=9)
     onnx.save(m, tmp_path / "custom.onnx")
     msg = _error(["inspect", tmp_path / "custom.onnx", "--verify"])
-    assert msg.startswith("error: cannot verify: unsupported ops: com.example.FusedThing x1") and "re-export it" in msg
+    assert msg.startswith("error: --verify: unsupported ops: com.example.FusedThing x1") and "re-export it" in msg
     # the description is given all the same (before: the error alone), in the JSON too, then exit 2
     proc = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(tmp_path / "custom.onnx"), "--verify",
                            "--json", "-"], capture_output=True, text=True)
