@@ -49,16 +49,17 @@ def _constant(name: str, model: onnx.ModelProto, producers: dict) -> float | Non
     """The scalar an initializer or a Constant node holds, else None."""
     from onnx import numpy_helper
 
+    from onnxfair.graph.fold import constant_value
+
     init = next((t for t in model.graph.initializer if t.name == name), None)
-    if init is None:
-        node = producers.get(name)
-        if node is None or _op(node) != "Constant":
-            return None
-        init = next((a.t for a in node.attribute if a.name == "value"), None)
-        if init is None:
-            return None
-    arr = numpy_helper.to_array(init)
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+    node = producers.get(name)
+    if init is not None:
+        arr = numpy_helper.to_array(init)
+    elif node is not None and _op(node) == "Constant":
+        arr = constant_value(node)
+    else:
+        return None
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def _keeps_predictions(node: onnx.NodeProto, model: onnx.ModelProto, producers: dict) -> bool:
@@ -80,20 +81,21 @@ def _keeps_predictions(node: onnx.NodeProto, model: onnx.ModelProto, producers: 
     return lo < 0.01 and hi > 0.99
 
 
-def _final_activation(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, dict]:
+def _final_activation(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, onnx.ModelProto]:
     """The Softmax or Sigmoid whose values the first graph output holds (through shape-only ops that keep the
-    rows and value ops that keep the predictions), if any, with the inferred dims of every tensor."""
+    rows and value ops that keep the predictions), if any, with the model shape inference filled in."""
     if not model.graph.output:
-        return None, {}
+        return None, model
     from onnxfair.graph.shapes import infer, tensor_dims  # late: the graph package is heavy to import
 
-    dims = tensor_dims(infer(model))
+    inferred = infer(model)
+    dims = tensor_dims(inferred)
     producers = {o: n for n in model.graph.node for o in n.output if o}
     node = producers.get(model.graph.output[0].name)
     while node is not None and ((_op(node) in SHAPE_OPS and _keeps_rows(node, dims))
                                 or _keeps_predictions(node, model, producers)):
         node = producers.get(node.input[0])
-    return (node if node is not None and _op(node) in PROBABILITY_OPS else None), dims
+    return (node if node is not None and _op(node) in PROBABILITY_OPS else None), inferred
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -113,53 +115,54 @@ def _class_axis(axis: int, shape: tuple | None, flattens: bool) -> bool:
     return all(not isinstance(shape[i], int) or shape[i] == 1 for i in others)
 
 
-def _probability_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The final Softmax/Sigmoid when it turns class logits into probabilities; a Softmax over another axis is
-    refused (its outputs are no class scores)."""
-    node, dims = _final_activation(model)
+def _probability_head(model: onnx.ModelProto) -> tuple[onnx.NodeProto | None, onnx.ModelProto]:
+    """The final Softmax/Sigmoid when it turns class logits into probabilities (with the inferred model); a
+    Softmax over another axis is refused (its outputs are no class scores)."""
+    from onnxfair.graph.shapes import tensor_dims
+
+    node, inferred = _final_activation(model)
     if node is not None and node.op_type == "Softmax":
         flattens = _opset(model) < 13
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1 if flattens else -1)
-        shape = dims.get(node.input[0])
+        shape = tensor_dims(inferred).get(node.input[0])
         if not _class_axis(axis, shape, flattens):
             shown = "" if shape is None else f" of {list(shape)}"
             raise UnsupportedError(
                 f"the model's output is a Softmax over axis {axis}{shown}, not the class axis of [batch, classes]; "
                 "export the model without its final Softmax (logits)")
-    return node
+    return node, inferred
 
 
 def output_activation(model: onnx.ModelProto) -> str | None:
     """'Softmax' or 'Sigmoid' when the first output holds probabilities, None when it holds logits."""
-    node = _probability_head(model)
+    node, _ = _probability_head(model)
     return None if node is None else node.op_type
 
 
 def logit_view(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` itself when its first output is logits; else a copy whose first output is the input of the
     final Softmax/Sigmoid (same initializers, so `OnnxModule.to_onnx(model)` writes back into the original)."""
-    node = _probability_head(model)
+    node, inferred = _probability_head(model)
     if node is None:
         return model
     logits = node.input[0]
     view = onnx.ModelProto()
     view.CopyFrom(model)
-    first = helper.make_tensor_value_info(logits, _elem_type(model, logits), None)
+    first = helper.make_tensor_value_info(logits, _elem_type(inferred, logits), None)
     rest = [o for o in model.graph.output[1:] if o.name != logits]
     del view.graph.output[:]
     view.graph.output.extend([first, *rest])
     return view
 
 
-def _elem_type(model: onnx.ModelProto, name: str) -> int:
-    """The element type of tensor `name` (a Cast after it may give the output another one)."""
-    from onnxfair.graph.shapes import infer
-
-    g = infer(model).graph
+def _elem_type(inferred: onnx.ModelProto, name: str) -> int:
+    """The element type of tensor `name` in a model with shape inference filled in (a Cast after it may give
+    the output another one)."""
+    g = inferred.graph
     for vi in [*g.value_info, *g.input, *g.output]:
         if vi.name == name and vi.type.tensor_type.elem_type:
             return vi.type.tensor_type.elem_type
-    return model.graph.output[0].type.tensor_type.elem_type
+    return g.output[0].type.tensor_type.elem_type
 
 
 def _dtype(elem_type: int) -> str | None:

@@ -24,7 +24,8 @@ _NO_FOLD = {
 _MAX_GROWTH_BYTES = 1 << 20
 
 
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value a Constant node holds (None for sparse or string values)."""
     for a in node.attribute:
         if a.name == "value":
             return numpy_helper.to_array(a.t)
@@ -124,7 +125,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "Constant":
-            v = _constant_value(node)
+            v = constant_value(node)
             if v is not None and not any(o in graph_outputs for o in node.output):
                 new_consts[node.output[0]] = v
                 const[node.output[0]] = v
