@@ -98,11 +98,19 @@ def select_masks(
             batch_size=cfg.batch_size, device=device, damping=cfg.damping,
         )
         if cfg.structured:
-            keep = select_channels(
-                scores, an.groups, scope=cfg.scope, round_to=cfg.round_to, keep_prev=keep,
+            selection = dict(
+                scope=cfg.scope, round_to=cfg.round_to, keep_prev=keep,
                 macs_fn=rewrite_macs(an) if "target_macs" in budget else None,
-                dense_macs=float(an.cost.macs) if getattr(an, "cost", None) is not None else None, **budget,
+                dense_macs=float(an.cost.macs) if getattr(an, "cost", None) is not None else None,
             )
+            floors = None
+            if "target_macs" in budget and step < len(schedule):
+                # masks are nested, so a step must not remove what the final budget would keep under today's
+                # scores: a MACs budget's best counts are not monotone in the budget (a wide layer's channels
+                # go first near the end), and without floors the last step lands well under its target
+                final = select_channels(scores, an.groups, target_macs=cfg.target_macs, **selection)
+                floors = {gid: len(kept) for gid, kept in final.items()}
+            keep = select_channels(scores, an.groups, floors=floors, **selection, **budget)
             masks = channel_masks(an, keep)
         else:
             new = select_weights(scores, budget["sparsity"], scope=cfg.scope, threads=cfg.threads or torch.get_num_threads())

@@ -179,6 +179,18 @@ def test_data_free_magnitude_with_target_macs(tmp_path):
     assert "dense" not in rep and rep["latency"]["speedup"] > 0
 
 
+def test_iterative_target_macs_reaches_the_one_shot_budget(tmp_path):
+    """Masks are nested across steps, so a step must not remove what the final budget keeps. With blocks
+    of 8, the most a 0.5 budget can keep of the MLP is 32 x 56 hidden channels (5,360 of 11,136 MACs, by
+    enumerating every pair of counts); two or more steps once ended at 32 x 48 (0.457)."""
+    best = max(m for a in range(8, 65, 8) for b in range(8, 65, 8) if (m := 108 * a + a * b + 2 * b) <= 5568)
+    assert best == 5360
+    for steps in ("1", "2", "5"):
+        _, rep = _prune(tmp_path, f"it{steps}", "--method", "magnitude", "--target-macs", "0.5",
+                        "--iterations", steps)
+        assert rep["cost"]["macs_pruned"] == best, steps
+
+
 def test_a_round_to_as_large_as_a_group_is_said_and_counts_single_channels(tmp_path):
     # the MLP's two hidden layers have 64 channels: blocks of 64 could only keep them whole
     r = run("prune", MLP, "--method", "magnitude", "--sparsity", "0.3", "--round-to", "64", "--no-latency",

@@ -351,6 +351,49 @@ def test_global_target_macs_lands_close_under_the_goal(kind, target):
         assert 0.95 * best <= real(keep) <= goal + 1e-6
 
 
+@pytest.mark.parametrize("kind", ["bilinear", "coupled"])
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_global_target_macs_selection_is_maximal(kind, round_to):
+    """No group can take its next allowed block without passing the goal: the ranking-prefix selection used
+    to stop at the first block that did not fit (an expensive one) and leave cheaper ones out."""
+    gs = mac_groups()
+
+    def real(keep):
+        f0, f1, f2 = (len(keep[g.id]) / g.size for g in gs)
+        if kind == "bilinear":
+            return 1200 + 4800 * f0 * f1 + 1600 * f0 + 1600 * f1 + 800 * f2
+        return 1200 + 6400 * f0 * f1 + 1600 * f0 * f0 + 800 * f2
+
+    for target in (0.35, 0.5, 0.7):
+        for seed in (1, 2, 3):
+            keep = select_channels(channel_scores(gs, seed=seed), gs, target_macs=target, scope="global",
+                                   macs_fn=real, round_to=round_to)
+            assert real(keep) <= target * 10_000 + 1e-6
+            for g in gs:
+                k = len(keep[g.id])
+                bigger = [c for c in range(k + 1, g.size + 1) if allowed(c, g.size, g.size, round_to)]
+                if bigger:
+                    grown = {**keep, g.id: np.arange(bigger[0])}
+                    assert real(grown) > target * 10_000, (target, seed, g.id, k)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_floors_are_kept_and_still_the_best_channels(scope):
+    gs = mac_groups()
+    sc = channel_scores(gs, seed=4)
+    floors = {0: 16, 1: 3, 2: 4}
+    for budget in ({"sparsity": 0.8}, {"target_macs": 0.6}):
+        keep = select_channels(sc, gs, scope=scope, floors=floors, **budget)
+        assert all(len(keep[g.id]) >= floors[g.id] for g in gs)
+        if "sparsity" in budget:  # 11 channels in all without floors: the floor bites on group 0
+            assert len(select_channels(sc, gs, scope=scope, **budget)[0]) < floors[0]
+        else:
+            assert estimated(keep, gs) <= 6000 + 1e-6
+        for g in gs:  # the kept channels are still the group's best ones
+            top = np.argsort(-np.asarray(sc.channels[g.id]), kind="stable")[: len(keep[g.id])]
+            assert set(keep[g.id].tolist()) == set(top.tolist())
+
+
 def test_channel_budget_errors():
     gs = [group(0, 8)]
     sc = channel_scores(gs)
