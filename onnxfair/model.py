@@ -251,7 +251,9 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
     words: an unknown input, a wrong number of dims, a value that contradicts a dim the model fixes and,
     with require_static, a symbolic non-batch dim left without a size. Dim 0 is the batch: a fixed one
     is kept, a symbolic one becomes `batch`. A given dim-0 value is neither applied nor checked here,
-    because callers treat the batch differently (sessions take it, cost and analysis set their own).
+    because callers treat the batch differently (sessions take it, cost and analysis set their own). The
+    exception is an input whose symbolic dim 0 is named apart from the first input's (a matrix fed beside
+    the batch, [k, 3] next to [batch, k]): that dim is no batch, so a given value applies.
     """
     inits = initializer_names(model)
     real = [vi for vi in model.graph.input if vi.name not in inits]
@@ -261,6 +263,8 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         if name not in names:
             raise UsageError(f"--input-shape names {name!r}, which is not a model input; inputs: {', '.join(names)}")
     out: dict[str, tuple[int | None, ...]] = {}
+    first = real[0].type.tensor_type.shape.dim if real else []
+    batch_name = first[0].dim_param if len(first) and not first[0].HasField("dim_value") else None
     for vi in real:
         model_dims = vi.type.tensor_type.shape.dim
         given = shapes.get(vi.name)
@@ -270,7 +274,8 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
         for i, d in enumerate(model_dims):
             fixed = int(d.dim_value) if d.HasField("dim_value") else None
             if i == 0:
-                dims.append(batch if fixed is None else fixed)
+                apart = given is not None and fixed is None and batch_name is not None and d.dim_param != batch_name
+                dims.append(int(given[0]) if apart else batch if fixed is None else fixed)
             elif given is not None:
                 if fixed is not None and fixed != given[i]:
                     raise UsageError(f"--input-shape {vi.name}: dim {i} is fixed to {fixed} in the model, not {given[i]}")

@@ -59,3 +59,32 @@ def test_a_fixed_batch_may_be_changed_for_sessions_but_not_for_verify():
     assert _dims(set_input_dims(m, {"x": (8, 3, 4)}, batch=2, require_static=True)) == [1, 3, 4]
     with pytest.raises(UsageError, match="dim 0 is fixed to 1 in the model, not 8"):
         random_inputs(m, {"x": (8, 3, 4)})
+
+
+def test_a_second_input_whose_dim0_is_named_apart_is_no_batch():
+    """x [batch, k] @ M [k, 3]: M's dim 0 is k, not the batch; fixed to 1 it made MatMul's shapes
+    inconsistent and its MACs uncounted (0). The MACs are checked against numpy's own product."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from onnxfair.graph import model_cost
+
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "M"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, ["batch", "k"]),
+                           helper.make_tensor_value_info("M", TP.FLOAT, ["k", 3])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    shapes = {"x": (7, 4), "M": (4, 3)}
+    assert input_dims(m, shapes, batch=1) == {"x": (1, 4), "M": (4, 3)}
+    cost = model_cost(m, shapes)
+    assert (cost.macs, cost.unknown, cost.batch) == (1 * 4 * 3, [], 1)
+    y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": np.ones((1, 4), np.float32),
+                                                                "M": np.ones((4, 3), np.float32)})[0]
+    assert y.shape == (1, 3) and y.sum() == 12  # the counted MACs: one multiply-add per summed product
+    # a second input that shares the batch name keeps following the batch
+    g2 = helper.make_graph([helper.make_node("Add", ["x", "z"], ["y"])], "g",
+                           [helper.make_tensor_value_info("x", TP.FLOAT, ["batch", 4]),
+                            helper.make_tensor_value_info("z", TP.FLOAT, ["batch", 4])],
+                           [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert input_dims(m2, {"z": (5, 4)}, batch=2) == {"x": (2, 4), "z": (2, 4)}
