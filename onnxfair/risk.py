@@ -470,14 +470,11 @@ def format_risk(report: dict) -> str:
     ]
 
     def row(rank: str, label: str, g: dict) -> str:
-        def f(v, spec):
-            return "-" if v is None else format(v, spec)
-
         acc = None if g.get("accuracy") is None else 100 * g["accuracy"]
         unc = None if g.get("uncertain_share") is None else 100 * g["uncertain_share"]
-        return (f"{rank:>4}  {label[:29]:<30}{g['n']:>7}{f(acc, '.2f'):>8}{f(g.get('mean_loss'), '.4f'):>8}"
-                f"{f(g.get('grad_norm'), '.4f'):>9}{f(g.get('hessian_trace'), '.4g'):>10}{f(unc, '.1f'):>9}"
-                f"{f(g.get('predicted_loss_change'), '+.4f'):>10}{f(g.get('measured_loss_change'), '+.4f'):>10}"
+        return (f"{rank:>4}  {label[:29]:<30}{g['n']:>7}{_cell(acc, '.2f', 8)}{_cell(g.get('mean_loss'), '.4f', 8)}"
+                f"{_cell(g.get('grad_norm'), '.4f', 9)}{_cell(g.get('hessian_trace'), '.4g', 10)}{_cell(unc, '.1f', 9)}"
+                f"{_cell(g.get('predicted_loss_change'), '+.4f', 10)}{_cell(g.get('measured_loss_change'), '+.4f', 10)}"
                 + ("  (small group)" if g.get("small") else ""))
 
     for i, label in enumerate(report["ranking"], 1):
@@ -490,3 +487,16 @@ def format_risk(report: dict) -> str:
     lines.append("")
     lines.append("rank 1 = largest predicted loss increase (most expected harm); pred dL = g'd + d'Hd/2, meas dL = masked - dense")
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str, width: int) -> str:
+    """`value` right-aligned in `width` with at least one space before it: in fewer significant digits when
+    the fixed-point form would run into the previous column (a diverging model's loss of 1e37)."""
+    if value is None:
+        return f"{'-':>{width}}"
+    sign = "+" if spec.startswith("+") else ""
+    for s in (spec, f"{sign}.3g", f"{sign}.2g", f"{sign}.1g"):
+        text = format(value, s)
+        if len(text) < width:
+            return f"{text:>{width}}"
+    return f" {text}"

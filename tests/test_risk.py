@@ -232,6 +232,23 @@ def test_ranking_on_a_group_that_relies_on_the_removed_weights():
     assert "g=b" in format_risk(rep).splitlines()[3]  # first table row is rank 1
 
 
+def test_the_table_keeps_its_columns_apart_for_huge_values():
+    """A diverging model (logits near 1e37) once printed its losses as 40-digit numbers run together; every
+    cell now stays within its column, and the numbers read back to within their shown digits."""
+    big = {"n": 12, "accuracy": 0.5, "mean_loss": 3.4e37, "grad_norm": 123456.789, "hessian_trace": -2.5e40,
+           "uncertain_share": 0.25, "predicted_loss_change": -9.9e38, "measured_loss_change": 1234.5678}
+    rep = {"settings": {"structured": False}, "sparsity": 0.5, "ranking": ["g=a"], "groups": {"g=a": big},
+           "overall": None}
+    lines = format_risk(rep).splitlines()
+    header, row = lines[1], lines[3]
+    assert len(row) == len(header)
+    cells = row.split()
+    assert cells[:4] == ["1", "g=a", "12", "50.00"]
+    shown = [float(c) for c in cells[4:]]
+    for got, want in zip(shown, [3.4e37, 123456.789, -2.5e40, 25.0, -9.9e38, 1234.5678]):
+        assert got == pytest.approx(want, rel=0.05)
+
+
 def test_unstructured_magnitude_mask_removes_smallest_weights(softmax_case):
     case = softmax_case
     ds = _dataset(case["x"], case["y"], case["groups"], case["labels"])
