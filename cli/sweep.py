@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -90,8 +91,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     for f in output_files(plan, runs):  # no file the sweep writes may be one of its inputs, before the first run
         for name, source in inputs.items():
             if source and f.exists() and os.path.samefile(f, source):
-                raise UsageError(f"the input {name} {source} is a file this sweep writes ({Path(out).name}/"
-                                 f"{f.relative_to(out)}); move it out of --out or choose another --out")
+                raise UsageError(f"the input {name} {source} is a file this sweep writes ({f}); move it out of --out or "
+                                 "choose another --out")
     if not no_plots:
         from onnxfair.plots import require_matplotlib
 
@@ -115,6 +116,45 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         sys.exit(143 if terminated else 130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    with _signals_deferred() as caught:  # the results, plots and report are written as one set, or the runs kept
+        summary = _write_outputs(plan, result, model, out, structured, no_plots, disparity, max_disparity,
+                                 max_macs_ratio, disparity_weight)
+    if caught:
+        progress(f"{'terminated' if signal.SIGTERM in caught else 'interrupted'} while writing the results; they were "
+                 f"written in full first, in {out}")
+        sys.exit(143 if signal.SIGTERM in caught else 130)
+    if json_out != "-":
+        click.echo(format_rows(summary["rows"], disparity))
+        click.echo("")
+        rec = summary["recommendation"]
+        click.echo(f"recommended: {rec['run_id']} ({rec['why']})" if rec["run_id"] else f"no recommendation: {rec['why']}")
+    emit_json(summary, json_out)
+    if summary["recommendation"]["run_id"] is None and (max_disparity is not None or max_macs_ratio is not None):
+        # a pipeline gating on the constraints must see them unmet without parsing the results
+        progress(f"no run meets the constraints: {summary['recommendation']['why']} (exit {UNMET_EXIT})")
+        sys.exit(UNMET_EXIT)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C and SIGTERM while the outputs are written, so the folder never mixes this sweep's results
+    with an earlier sweep's report and plots; yields the signals caught, for the caller to act on after."""
+    caught: list[int] = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _write_outputs(plan, result, model: str, out: str, structured: bool, no_plots: bool, disparity: str,
+                   max_disparity, max_macs_ratio, disparity_weight) -> dict:
+    """results.csv/json, the plots and report.html; returns the summary they show."""
     summary = sweep_summary(plan, result, disparity, max_disparity, max_macs_ratio, disparity_weight)
     csv_path, json_path = write_results(out, summary)
     images: dict[str, bytes] = {}
@@ -142,16 +182,7 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     html_path = html_report(summary, Path(out) / "report.html", images)
     pngs = [str(Path(out) / f"{name}.png") for name in images]
     progress("wrote " + ", ".join([str(csv_path), str(json_path), str(html_path), *pngs]))
-    if json_out != "-":
-        click.echo(format_rows(summary["rows"], disparity))
-        click.echo("")
-        rec = summary["recommendation"]
-        click.echo(f"recommended: {rec['run_id']} ({rec['why']})" if rec["run_id"] else f"no recommendation: {rec['why']}")
-    emit_json(summary, json_out)
-    if summary["recommendation"]["run_id"] is None and (max_disparity is not None or max_macs_ratio is not None):
-        # a pipeline gating on the constraints must see them unmet without parsing the results
-        progress(f"no run meets the constraints: {summary['recommendation']['why']} (exit {UNMET_EXIT})")
-        sys.exit(UNMET_EXIT)
+    return summary
 
 
 def _json_beside_results(json_out: str | None, out: str) -> str | None:

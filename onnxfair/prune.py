@@ -144,7 +144,7 @@ READ_BY = {
     "damping": ("--damping", "--method fairgrape"),
     "bilevel_steps": ("--bilevel-steps", "--method bilevel"),
     "bilevel_alpha": ("--bilevel-alpha", "--method bilevel"),
-    "loss": ("--loss", "the methods that score with data (magnitude reads only the weights)"),
+    "loss": ("--loss", "a method that scores with data (magnitude reads only the weights)"),
     "beta": ("--beta", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
     "gamma": ("--gamma", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
     "finetune_loss": ("--finetune-loss", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
@@ -304,6 +304,8 @@ def prune_model(
     from onnxfair.graph.cost import uncounted_note
 
     cfg.validate(has_data=calib is not None)
+    warnings: list[str] = []
+    progress = _collecting_warnings(progress, warnings)
     timer = _Timer(progress)
     fit, held, eval_source = _split_eval(calib, eval_ds, cfg)
     structure: dict = {}
@@ -452,9 +454,21 @@ def prune_model(
         with timer("latency"):
             report["latency"] = _latency_without_data(model, pruned, cfg)
     report["timing"] = {k: round(v, 4) for k, v in timer.phases.items()}
+    report["warnings"] = warnings
     from onnxfair.report import prune_markdown
 
     return PruneResult(pruned, report, prune_markdown(report))
+
+
+def _collecting_warnings(progress: Callable[[str], None], into: list[str]) -> Callable[[str], None]:
+    """`progress` that also keeps each "warning: ..." line: the report carries them, so a sweep (whose runs
+    print nothing) and a pipeline reading the JSON see what the terminal would have shown."""
+    def say(line: str) -> None:
+        if line.startswith("warning: "):
+            into.append(line[len("warning: "):])
+        progress(line)
+
+    return say
 
 
 def _hint_on_a_large_drop(overall_delta: float, cfg: PruneConfig, model: onnx.ModelProto,

@@ -135,8 +135,9 @@ def prune_markdown(report: dict) -> str:
         for label, row in d["groups"].items():
             pa = p["groups"][label]["accuracy"]
             delta = g["groups"].get(label)
+            small = " (small group)" if row.get("small") else ""
             lines.append(
-                f"| {label} | {row['n']} | {_pct(row['accuracy']).strip()} | {_pct(pa).strip()} | "
+                f"| {label}{small} | {row['n']} | {_pct(row['accuracy']).strip()} | {_pct(pa).strip()} | "
                 f"{'-' if delta is None else f'{100 * delta:+.2f}'} |"
             )
         lines.append(
@@ -152,6 +153,8 @@ def prune_markdown(report: dict) -> str:
     note = report.get("structure", {}).get("note")
     if note:
         lines += ["", f"Note: {note}."]
+    if report.get("warnings"):
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ interleaved as `onnxfair prune` does. The same holds with `jobs=1`, so every row
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -51,7 +52,7 @@ RECOMMENDATION_RULE = (
 )
 
 ROW_FIELDS = (
-    "run_id", "method", "structured", "sparsity", "seed",
+    "run_id", "method", "structured", "sparsity", "achieved_sparsity", "seed",
     "accuracy", "dense_accuracy", "accuracy_delta",
     "std_delta", "max_excess_gap", "range_delta",
     "worst_group_accuracy", "dense_worst_group_accuracy", "accuracy_gap", "dense_accuracy_gap",
@@ -447,6 +448,7 @@ def run_sweep(
         progress(f"{len(reused)} of {total} runs already done in {out / 'runs'}; reusing them")
     jobs = max(1, min(plan.jobs, len(todo)))
     if todo:
+        _remove_earlier_results(out, progress)
         progress(f"running {len(todo)} runs on {jobs} process{'es' if jobs > 1 else ''}")
     done = len(reused)
 
@@ -457,6 +459,8 @@ def run_sweep(
         progress(f"[{done}/{total}] {rid} in {seconds:.1f}s: accuracy {_pct(rep['pruned']['overall']['accuracy'])}%, "
                  f"{disparity} {_pct(_disparity_value(rep, disparity))} pts, "
                  f"MACs x{rep['cost']['macs_ratio']:.3f}")
+        for w in rep.get("warnings", []):  # the runs print nothing themselves; their report keeps what prune warns
+            progress(f"warning: {rid}: {w}")
 
     if jobs == 1:
         _STATE.update(plan=plan, model=model, calib=calib, eval_ds=eval_ds, cache=DenseCache())
@@ -480,6 +484,17 @@ def run_sweep(
     return SweepResult(rows, reports, rec, why, reused, [r.run_id for r in todo])
 
 
+def _remove_earlier_results(out: Path, progress: Callable[[str], None]) -> None:
+    """Remove the results, report and plots of the sweep before this one, which computes new runs: were it
+    stopped, they would sit beside run reports they do not describe (DIR describes the latest sweep only)."""
+    stale = [out / name for name in OUTPUT_FILES if (out / name).is_file()]
+    for f in stale:
+        f.unlink()
+    if stale:
+        progress(f"removed the earlier results in {out} ({', '.join(f.name for f in stale)}); this sweep writes its "
+                 "own when its runs are done")
+
+
 def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished: Callable, pool=None) -> None:
     """Run `todo` on `jobs` worker processes and call `finished` for each run as soon as it completes.
 
@@ -489,6 +504,7 @@ def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished:
     """
     from concurrent.futures import FIRST_COMPLETED, wait
 
+    own_pool = pool is None
     if pool is None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -497,8 +513,9 @@ def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished:
                                    initializer=_init_worker, initargs=(_Worker(plan, threads=1),))
     order: dict = {}
     try:
-        for i, r in enumerate(todo):
-            order[pool.submit(_execute, r, keys[r.run_id])] = i
+        with _workers_born_ignoring_ctrl_c(spawning=own_pool):
+            for i, r in enumerate(todo):  # submit starts the worker processes
+                order[pool.submit(_execute, r, keys[r.run_id])] = i
         pending = set(order)
         while pending:
             complete, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -511,6 +528,24 @@ def _run_pool(plan: SweepPlan, todo: list[Run], keys: dict, jobs: int, finished:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _workers_born_ignoring_ctrl_c(spawning: bool):
+    """Ignore Ctrl-C in this process while it starts workers, which inherit the ignoring through exec: a
+    worker that set it only in its initializer printed a traceback for a Ctrl-C in the seconds it spends
+    importing torch. A Ctrl-C in that short window is lost; the workers start in milliseconds."""
+    import signal
+    import threading
+
+    if not spawning or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop_pool(pool) -> None:
@@ -580,6 +615,7 @@ def result_row(rid: str, report: dict, latency: bool = True) -> dict:
         "method": m["method"],
         "structured": bool(m["structured"]),
         "sparsity": m["sparsity"],
+        "achieved_sparsity": _achieved_sparsity(report),
         "seed": m["seed"],
         "accuracy": p["overall"]["accuracy"],
         "dense_accuracy": d["overall"]["accuracy"],
@@ -600,6 +636,14 @@ def result_row(rid: str, report: dict, latency: bool = True) -> dict:
         "pareto": False,
         "recommended": False,
     }
+
+
+def _achieved_sparsity(report: dict) -> float | None:
+    """The fraction of channels (structured) or weights removed, which rounding and floors can set apart
+    from the requested --sparsity (a request of 0.999 keeps a block of every group)."""
+    st = report.get("structure", {})
+    part = st.get("channels") or st.get("weights")
+    return None if part is None else part.get("sparsity")
 
 
 def _valid(v) -> bool:

@@ -554,3 +554,23 @@ def test_inspect_shows_the_inputs_as_input_shape_fixes_them():
     assert rep["inputs"] == [{"name": "x", "dtype": "float32", "shape": [3, 108]}]
     rep = json.loads(run("inspect", MLP, "--json", "-").stdout)
     assert rep["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 108]}]
+
+
+def test_the_markdown_flags_small_groups_and_lists_the_warnings(tmp_path):
+    """The Markdown is the pull-request summary: it showed n=2 groups' 100 % -> 100 % with no flag, and none
+    of the warnings the terminal printed."""
+    out = tmp_path / "m.onnx"
+    r = run("prune", MLP, "--data", CAL, "--groups", "race,sex", "--method", "magnitude", "--sparsity", "0.99",
+            "--no-latency", "-o", out, "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    md = (tmp_path / "r.md").read_text()
+    small = [label for label, g in rep["dense"]["groups"].items() if g.get("small")]
+    assert small  # the intersections of race and sex hold groups under 10 rows
+    for label, g in rep["dense"]["groups"].items():
+        line = next(l for l in md.splitlines() if l.startswith(f"| {label} "))
+        assert ("(small group)" in line) == (label in small), line
+        assert f"| {g['n']} |" in line
+    terminal = [l[len("warning: "):] for l in r.stderr.splitlines() if l.startswith("warning: ")]
+    assert rep["warnings"] == terminal and any("of the channels removed, not 0.99" in w for w in terminal)
+    assert md.rstrip().endswith("\n".join(f"- {w}" for w in terminal))

@@ -387,7 +387,7 @@ def test_an_input_the_sweep_would_write_is_refused_before_any_run(mlp, tmp_path,
     args = sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models")
     r = run(*[model if a == mlp["path"] else a for a in args])
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
-    assert f"the input model {model} is a file this sweep writes (sw/models/taylor-s0.60-seed0.onnx)" in r.stderr
+    assert f"the input model {model} is a file this sweep writes ({model})" in r.stderr
     assert counting.calls == [] and not (out / "runs").exists() and model.read_bytes() == mlp["path"].read_bytes()
 
 
@@ -699,3 +699,87 @@ def test_pareto_png_adds_a_zoom_panel_when_outliers_squeeze_the_front(tmp_path):
     pareto_png(rows, "std_delta", tmp_path / "zoom.png")
     with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "zoom.png") as b:
         assert b.size[0] > 1.4 * a.size[0]  # a second panel
+
+
+def test_a_runs_warnings_and_achieved_sparsity_reach_the_sweep(mlp, tmp_path):
+    """A sweep's runs print nothing, so prune's warnings were lost there: a 0.99 request that keeps a block of
+    4 of the 16 hidden channels was a row labelled 0.99 with no word that it removed 0.75."""
+    out = tmp_path / "sw"
+    r = run("sweep", mlp["path"], "--data", mlp["calib"], "--eval-data", mlp["eval"], "--groups", "race",
+            "--methods", "magnitude", "--sparsities", "0.5,0.99", "--round-to", "4", "--jobs", "1", "--no-plots",
+            "--no-latency", "--out", out)
+    assert r.exit_code == 0, r.output
+    warned = [l for l in r.stderr.splitlines() if l.startswith("warning: magnitude-s0.99-seed0: ")]
+    assert len(warned) == 1 and "0.750 of the channels removed, not 0.99" in warned[0], r.stderr
+    assert not any(l.startswith("warning: magnitude-s0.50") for l in r.stderr.splitlines())
+    rows = {row["run_id"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert (rows["magnitude-s0.50-seed0"]["achieved_sparsity"], rows["magnitude-s0.99-seed0"]["achieved_sparsity"]) == (0.5, 0.75)
+    rep = json.loads((out / "runs" / "magnitude-s0.99-seed0.json").read_text())
+    assert rep["warnings"] == [warned[0].split(": ", 2)[2]] and rep["structure"]["channels"]["removed"] == 12
+    assert read_rows_csv(out / "results.csv") == list(rows.values())
+
+
+def test_an_interrupted_sweep_leaves_no_earlier_results_beside_its_runs(mlp, tmp_path, counting, monkeypatch):
+    """DIR describes the latest sweep only: stopped after a new run was written, the folder held the earlier
+    sweep's results.json, report.html and plots, which did not describe that run."""
+    out = tmp_path / "sw"
+    assert run(*sweep_args(mlp, out)).exit_code == 0
+    assert all((out / name).is_file() for name in ("results.csv", "results.json", "report.html", "pareto.png"))
+
+    def stop_on_the_second(*a, **kw):
+        if len(counting.calls) == 5:
+            raise KeyboardInterrupt
+        return counting(*a, **kw)
+
+    monkeypatch.setattr(sweep_mod, "prune_model", stop_on_the_second)
+    args = sweep_args(mlp, out, "--no-latency")
+    r = run(*[("0.3,0.6,0.8,0.9" if a == "0.3,0.6" else a) for a in args])
+    assert r.exit_code == 130, r.output
+    assert "removed the earlier results in" in r.stderr
+    assert not any((out / name).exists() for name in ("results.csv", "results.json", "report.html", "pareto.png",
+                                                       "groups.png"))
+    assert (out / "runs" / "magnitude-s0.80-seed0.json").is_file() and len(list((out / "runs").glob("*.json"))) == 5
+    # the same command again reuses the five runs and writes the set
+    monkeypatch.setattr(sweep_mod, "prune_model", counting)
+    r = run(*[("0.3,0.6,0.8,0.9" if a == "0.3,0.6" else a) for a in args])
+    assert r.exit_code == 0 and len(json.loads((out / "results.json").read_text())["rows"]) == 8
+
+
+def test_signals_while_writing_the_results_wait_for_the_whole_set():
+    import os
+    import signal
+
+    from cli.sweep import _signals_deferred
+
+    before = signal.getsignal(signal.SIGINT)
+    with _signals_deferred() as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        written = True  # reached: neither signal stopped the block
+    assert written and caught == [signal.SIGINT, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def _sigint_disposition(queue):
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_workers_start_ignoring_ctrl_c():
+    """A Ctrl-C while a spawned worker was still importing torch printed its traceback: the worker set
+    SIG_IGN only in its initializer. Started inside the guard, a process ignores SIGINT from its first line."""
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    seen = []
+    for guarded in (False, True):
+        queue = ctx.Queue()
+        with sweep_mod._workers_born_ignoring_ctrl_c(spawning=guarded):
+            p = ctx.Process(target=_sigint_disposition, args=(queue,))
+            p.start()
+        seen.append(queue.get(timeout=60))
+        p.join(timeout=60)
+    assert seen == [False, True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
