@@ -513,3 +513,20 @@ def test_a_flatten_that_interleaves_channels_is_declined_for_that_reason():
     assert ("interleaves the channels with the axes flattened before them (channels are not the first flattened "
             "axis)") in _reasons(an)
     assert "--input-shape" not in _reasons(an)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_squeeze_without_axes_keeps_a_channel_axis_pruned_to_one(opset):
+    """GAP -> Squeeze() -> MatMul at batch 1: with one channel kept, an axis-less Squeeze also dropped the
+    channel axis and the MatMul failed in onnxruntime. The rewrite now writes the dense model's axes."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 4)])
+    s = b.op("Squeeze", [b.op("GlobalAveragePool", [x])])
+    y = b.op("MatMul", [s, b.rand(4, 3)])
+    m = b.model([("x", [1, 3, 5, 5])], [y], opset=opset)
+    an = analyze(m)
+    (g,) = an.groups
+    feeds = random_feeds(an.model, batch=1, seed=3)
+    for kept in ([2], [0, 3], [0, 1, 2, 3]):
+        pruned = check_prune_equals_mask(an, {g.id: np.array(kept)}, feeds)
+        assert ort_run(pruned, feeds)[0].shape == (3,)

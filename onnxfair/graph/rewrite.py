@@ -2,7 +2,7 @@
 
 `prune_channels` slices every member initializer with its group's keep-set and fixes what encodes a
 channel count elsewhere: depthwise Conv `group`, Split sizes, Slice bounds, Reshape/Expand/Resize
-constants. Stale value_info is dropped and shapes re-inferred once. The masked dense model
+constants, and the axes of a Squeeze that had none (it would drop a channel axis pruned to one). Stale value_info is dropped and shapes re-inferred once. The masked dense model
 (`mask_channels`: zero the consumer columns of removed channels) is the oracle: both give the same
 outputs in onnxruntime, because every path of a removed channel ends at a consumer or was frozen.
 """
@@ -174,6 +174,12 @@ def _apply_fixes(an: Analysis, m: onnx.ModelProto, kept: dict[int, np.ndarray]) 
             else:
                 _del_attr(node, "num_outputs")
                 consts.set_new(idx, 1, np.asarray(sizes, dtype=np.int64))
+        elif kind == "squeeze_axes":  # the axes the dense model squeezes, never a pruned-to-one channel axis
+            _, idx, axes, how = fix
+            if how == "attr":
+                _set_attr(nodes[idx], "axes", list(axes))
+            else:
+                consts.set_new(idx, 1, np.asarray(axes, dtype=np.int64))
         elif kind == "slice":
             _, idx, k, segs, lo, hi, how = fix
             node = nodes[idx]

@@ -700,6 +700,8 @@ def r_squeeze(w: Walker, idx: int, node: onnx.NodeProto) -> None:
             w.freeze_tc(tc, f"Squeeze {w.label(idx)} without axes on a tensor of unknown shape")
             return
         axes = [i for i, x in enumerate(d) if x == 1]
+        # written out in the rewrite: a group pruned to one channel would otherwise lose its channel axis too
+        w.fixes.append(("squeeze_axes", idx, tuple(axes), "input" if w.opset >= 13 else "attr"))
     ax = {_norm(x, tc.rank) for x in axes}
     if tc.axis in ax:
         w.freeze_tc(tc, f"Squeeze {w.label(idx)} removes the channel axis")
