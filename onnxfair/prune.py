@@ -367,6 +367,10 @@ def prune_model(
     with timer("rewrite"):
         if cfg.structured:
             pruned = prune_channels(dataclasses.replace(an, model=dense_for_rewrite), keep)
+            if cfg.input_shapes:
+                from onnxfair.graph.shapes import restore_symbolic_io
+
+                pruned = restore_symbolic_io(pruned, model)
             structure["groups"] = [
                 {"id": g.id, "name": g.name, "channels": g.size, "kept": int(len(keep.get(g.id, range(g.size))))}
                 for g in an.groups

@@ -574,3 +574,39 @@ def test_the_markdown_flags_small_groups_and_lists_the_warnings(tmp_path):
     terminal = [l[len("warning: "):] for l in r.stderr.splitlines() if l.startswith("warning: ")]
     assert rep["warnings"] == terminal and any("of the channels removed, not 0.99" in w for w in terminal)
     assert md.rstrip().endswith("\n".join(f"- {w}" for w in terminal))
+
+
+def test_input_shape_does_not_pin_the_written_models_image_size(tmp_path):
+    """--input-shape fixes dims for the analysis only. The pruned fully convolutional model kept 8 x 8 as its
+    input size and refused the 16 x 16 images its dense model takes; its outputs at 16 x 16 must equal the
+    dense model's with the same channels zeroed."""
+    from onnxfair.graph import analyze, channel_masks, mask_weights
+    from tests.test_graph_support import GraphBuilder, ort_run
+
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv(x, 8, 8)])])], axis=1)
+    y = b.op("Gemm", [f, b.rand(3, 8), b.rand(3)], transB=1)
+    m = b.model([("x", ["N", 3, "H", "W"])], [y])
+    path = tmp_path / "fcn.onnx"
+    onnx.save(m, path)
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(60, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=xs, y=ort_run(m, {"x": xs})[0].argmax(1), g=np.array(["a", "b"] * 30))
+    out = tmp_path / "p.onnx"
+    r = run("prune", path, "--data", tmp_path / "d.npz", "--groups", "g", "--method", "magnitude", "--sparsity", "0.5",
+            "--round-to", "1", "--input-shape", "x=1,3,8,8", "--no-latency", "-o", out)
+    assert r.exit_code == 0, r.output
+    pruned = onnx.load(out)
+    dims = [d.dim_param or d.dim_value for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 3, "H", "W"]
+    an = analyze(m, input_shapes={"x": (1, 3, 8, 8)})
+    kept = {}
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    for grp in an.groups:  # the kept channels, read back from the pruned biases (random, so distinct)
+        bias = next(mb.initializer for mb in grp.producers() if inits[mb.initializer].ndim == 1)
+        left = numpy_helper.to_array(next(i for i in pruned.graph.initializer if i.name == bias))
+        kept[grp.id] = np.flatnonzero(np.isin(inits[bias], left))
+    oracle = mask_weights(m, channel_masks(an, kept))
+    big = {"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(ort_run(pruned, big)[0], ort_run(oracle, big)[0], rtol=1e-4, atol=1e-5)

@@ -65,6 +65,33 @@ def set_input_dims(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
     return with_input_dims(model, input_dims(model, input_shapes, batch, require_static))
 
 
+def restore_symbolic_io(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every graph input and output dim that is symbolic in `original` made symbolic again (same
+    name), and shapes re-inferred. --input-shape fixes dims for the analysis only: a pruned fully
+    convolutional model must still take the image sizes its dense model takes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    before = {vi.name: vi for vi in [*original.graph.input, *original.graph.output]}
+    changed = False
+    for vi in [*m.graph.input, *m.graph.output]:
+        old = before.get(vi.name)
+        if old is None or not old.type.HasField("tensor_type") or not vi.type.HasField("tensor_type"):
+            continue
+        dims, old_dims = vi.type.tensor_type.shape.dim, old.type.tensor_type.shape.dim
+        if len(dims) != len(old_dims):
+            continue
+        for d, o in zip(dims, old_dims):
+            if not o.HasField("dim_value") and d.HasField("dim_value"):
+                d.Clear()
+                if o.dim_param:
+                    d.dim_param = o.dim_param
+                changed = True
+    if not changed:
+        return m
+    del m.graph.value_info[:]
+    return infer(m)
+
+
 def static_dims(model: onnx.ModelProto) -> dict[str, Dims]:
     """Dims of a model whose inputs are fully static, through Shape-computed Reshapes.
 
