@@ -507,6 +507,12 @@ def _sparsity_miss_reason(cfg: PruneConfig, groups: list[dict], removed: float) 
     if removed < cfg.sparsity and floors:
         return (f"every group keeps at least one block of --round-to {cfg.round_to} ({len(floors)} at it); lower "
                 "--round-to for a closer fit" if cfg.round_to > 1 else "every group keeps at least one channel")
+    if cfg.round_to <= 1:
+        total = sum(g["channels"] for g in groups)
+        if cfg.scope == "global":
+            return f"{round(removed * total)} of {total} channels is the nearest whole count"
+        return (f"each group removes round({cfg.sparsity} x its size) of its channels, and small groups land furthest "
+                "from the fraction; --scope global rounds the total once")
     return f"channel counts are rounded to multiples of --round-to {cfg.round_to}; lower --round-to for a closer fit"
 
 

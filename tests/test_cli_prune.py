@@ -610,3 +610,22 @@ def test_input_shape_does_not_pin_the_written_models_image_size(tmp_path):
     oracle = mask_weights(m, channel_masks(an, kept))
     big = {"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)}
     np.testing.assert_allclose(ort_run(pruned, big)[0], ort_run(oracle, big)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_whole_channel_shortfall_with_round_to_one_gives_advice_that_can_be_taken(tmp_path):
+    """One group of 8 channels at 0.7 removes 6 (0.75). The warning told the user to lower --round-to below 1."""
+    from tests.test_graph_support import GraphBuilder, ort_run
+
+    b = GraphBuilder()
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv("x", 3, 8)])])], axis=1)
+    m = b.model([("x", ["N", 3, 6, 6])], [b.op("Gemm", [f, b.rand(3, 8), b.rand(3)], transB=1)])
+    onnx.save(m, tmp_path / "m.onnx")
+    xs = np.random.default_rng(0).normal(size=(40, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=xs, y=ort_run(m, {"x": xs})[0].argmax(1), g=np.array(["a", "b"] * 20))
+    for scope, reason in (("global", "6 of 8 channels is the nearest whole count"),
+                          ("layer", "each group removes round(0.7 x its size) of its channels, and small groups land "
+                                    "furthest from the fraction; --scope global rounds the total once")):
+        r = run("prune", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--method", "magnitude",
+                "--sparsity", "0.7", "--round-to", "1", "--scope", scope, "--no-latency", "-o", tmp_path / "p.onnx")
+        assert r.exit_code == 0, r.output
+        assert f"warning: 0.750 of the channels removed, not 0.7: {reason}" in r.stderr.splitlines(), r.stderr
