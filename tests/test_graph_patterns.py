@@ -530,3 +530,27 @@ def test_a_squeeze_without_axes_keeps_a_channel_axis_pruned_to_one(opset):
     for kept in ([2], [0, 3], [0, 1, 2, 3]):
         pruned = check_prune_equals_mask(an, {g.id: np.array(kept)}, feeds)
         assert ort_run(pruned, feeds)[0].shape == (3,)
+
+
+def test_a_weight_shared_along_two_axes_counts_its_macs_and_params_once():
+    """conv0 -> two convs sharing W (16 -> 16) -> GAP -> Gemm: one group couples conv0's outputs with both
+    axes of W. It showed 54 % of the MACs (W's MACs credited to its first node only) and 181 % of the
+    parameters (W counted once per axis); both are checked against a count from the initializers."""
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 16)])
+    w, bias = b.rand(16, 16, 3, 3), b.rand(16)
+    a = b.op("Relu", [b.op("Conv", [x, w, bias], pads=[1, 1, 1, 1])])
+    y = b.op("Relu", [b.op("Conv", [a, w, bias], pads=[1, 1, 1, 1])])
+    m = b.model([("x", [1, 3, 6, 6])], [_head(b, y, 16)])
+    an = _check_random(m)
+    (g,) = an.groups
+    convs = [n for n in an.model.graph.node if n.op_type == "Conv"]
+    conv_macs = [36 * 3 * 9 * 16, 36 * 16 * 9 * 16, 36 * 16 * 9 * 16]
+    gemm_macs = 16 * 3
+    assert an.cost.macs == sum(conv_macs) + gemm_macs and len(convs) == 3
+    assert g.macs == an.cost.macs  # every layer reads the group's channels
+    assert g.macs_share == pytest.approx(1.0)
+    inits = {i.name: int(np.prod(i.dims)) for i in an.model.graph.initializer}
+    gemm_bias = next(n.input[2] for n in an.model.graph.node if n.op_type == "Gemm")
+    assert g.params == sum(inits.values()) - inits[gemm_bias]  # all but the classifier's bias
+    assert 0 < g.params_share < 1

@@ -183,10 +183,11 @@ def _form_groups(w: Walker, cost: Cost, node_macs_arr: np.ndarray) -> tuple[list
             key = (root, r.init, r.axis)
             entry = table.get(key)
             if entry is None:
-                entry = table[key] = {"role": r.role, "node": r.node, "runs": []}
+                entry = table[key] = {"role": r.role, "node": r.node, "runs": [], "nodes": set()}
             elif entry["role"] != "producer" and r.role == "producer":
                 entry["role"], entry["node"] = "producer", r.node
             entry["runs"].extend(runs)
+            entry["nodes"].add(r.node)  # a shared weight is read by several nodes: each one's MACs shrink
     by_root: dict[int, list] = defaultdict(list)
     for (root, init, axis), entry in table.items():
         by_root[root].append((init, axis, entry))
@@ -201,15 +202,20 @@ def _form_groups(w: Walker, cost: Cost, node_macs_arr: np.ndarray) -> tuple[list
         size = sp.size[root]
         members = []
         macs_by_node: dict[int, float] = defaultdict(float)
-        params = 0
+        covered: dict[str, dict[int, int]] = defaultdict(dict)  # init -> axis -> positions the group holds
         for init, axis, e in entries:
             idx = _index_map(size, e["runs"])
             dims = w.const_dims(init)
             npos = int((idx >= 0).sum())
             members.append(Member(initializer=init, axis=axis, indices=idx, role=e["role"], node=w.label(e["node"])))
-            params += prod(dims) // dims[axis] * npos
-            # a node's share of this group: its weight and bias cover the same channels, so take the max
-            macs_by_node[e["node"]] = max(macs_by_node[e["node"]], npos / dims[axis])
+            covered[init][axis] = npos
+            for node in e["nodes"]:
+                # a node's share of this group: its weight and bias cover the same channels, so take the max
+                macs_by_node[node] = max(macs_by_node[node], npos / dims[axis])
+        # the entries the group's channels touch: along two axes of one weight (shared by coupled layers) the
+        # union of the slices, not their sum
+        params = sum(prod(w.const_dims(init)) - prod(d - axes.get(a, 0) for a, d in enumerate(w.const_dims(init)))
+                     for init, axes in covered.items())
         macs = sum(min(f, 1.0) * int(node_macs_arr[n]) for n, f in macs_by_node.items())
         members.sort(key=lambda m: {"producer": 0, "param": 1, "consumer": 2}[m.role])
         gid = len(groups)
