@@ -326,6 +326,17 @@ def test_target_macs_tightened_with_the_real_cost(scope):
     assert calls
 
 
+def coupled_cost(gs, kind):
+    """The real MACs of a keep-set when coupled layers make them depart from the linear estimate."""
+    def real(keep):
+        f0, f1, f2 = (len(keep[g.id]) / g.size for g in gs)
+        if kind == "bilinear":
+            return 1200 + 4800 * f0 * f1 + 1600 * f0 + 1600 * f1 + 800 * f2
+        return 1200 + 6400 * f0 * f1 + 1600 * f0 * f0 + 800 * f2
+
+    return real
+
+
 @pytest.mark.parametrize("kind", ["bilinear", "coupled"])
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
 def test_global_target_macs_lands_close_under_the_goal(kind, target):
@@ -335,12 +346,7 @@ def test_global_target_macs_lands_close_under_the_goal(kind, target):
     import itertools
 
     gs = mac_groups()
-
-    def real(keep):
-        f0, f1, f2 = (len(keep[g.id]) / g.size for g in gs)
-        if kind == "bilinear":
-            return 1200 + 4800 * f0 * f1 + 1600 * f0 + 1600 * f1 + 800 * f2
-        return 1200 + 6400 * f0 * f1 + 1600 * f0 * f0 + 800 * f2
+    real = coupled_cost(gs, kind)
 
     goal = target * 10_000
     best = max(v for k in itertools.product(range(1, 33), range(1, 17), range(1, 9))
@@ -357,12 +363,7 @@ def test_global_target_macs_selection_is_maximal(kind, round_to):
     """No group can take its next allowed block without passing the goal: the ranking-prefix selection used
     to stop at the first block that did not fit (an expensive one) and leave cheaper ones out."""
     gs = mac_groups()
-
-    def real(keep):
-        f0, f1, f2 = (len(keep[g.id]) / g.size for g in gs)
-        if kind == "bilinear":
-            return 1200 + 4800 * f0 * f1 + 1600 * f0 + 1600 * f1 + 800 * f2
-        return 1200 + 6400 * f0 * f1 + 1600 * f0 * f0 + 800 * f2
+    real = coupled_cost(gs, kind)
 
     for target in (0.35, 0.5, 0.7):
         for seed in (1, 2, 3):
