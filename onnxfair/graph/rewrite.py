@@ -2,7 +2,8 @@
 
 `prune_channels` slices every member initializer with its group's keep-set and fixes what encodes a
 channel count elsewhere: depthwise Conv `group`, Split sizes, Slice bounds, Reshape/Expand/Resize
-constants, and the axes of a Squeeze that had none (it would drop a channel axis pruned to one). Stale value_info is dropped and shapes re-inferred once. The masked dense model
+constants, and the axes of a Squeeze that had none (it would drop a channel axis pruned to one). Stale
+value_info is dropped and shapes re-inferred once. The masked dense model
 (`mask_channels`: zero the consumer columns of removed channels) is the oracle: both give the same
 outputs in onnxruntime, because every path of a removed channel ends at a consumer or was frozen.
 """
