@@ -203,18 +203,20 @@ def _form_groups(w: Walker, cost: Cost, node_macs_arr: np.ndarray) -> tuple[list
         members = []
         macs_by_node: dict[int, float] = defaultdict(float)
         covered: dict[str, dict[int, int]] = defaultdict(dict)  # init -> axis -> positions the group holds
+        init_dims: dict[str, tuple[int, ...]] = {}
         for init, axis, e in entries:
             idx = _index_map(size, e["runs"])
             dims = w.const_dims(init)
             npos = int((idx >= 0).sum())
             members.append(Member(initializer=init, axis=axis, indices=idx, role=e["role"], node=w.label(e["node"])))
             covered[init][axis] = npos
+            init_dims[init] = tuple(dims)
             for node in e["nodes"]:
                 # a node's share of this group: its weight and bias cover the same channels, so take the max
                 macs_by_node[node] = max(macs_by_node[node], npos / dims[axis])
         # the entries the group's channels touch: along two axes of one weight (shared by coupled layers) the
         # union of the slices, not their sum
-        params = sum(prod(w.const_dims(init)) - prod(d - axes.get(a, 0) for a, d in enumerate(w.const_dims(init)))
+        params = sum(prod(init_dims[init]) - prod(d - axes.get(a, 0) for a, d in enumerate(init_dims[init]))
                      for init, axes in covered.items())
         macs = sum(min(f, 1.0) * int(node_macs_arr[n]) for n, f in macs_by_node.items())
         members.sort(key=lambda m: {"producer": 0, "param": 1, "consumer": 2}[m.role])
