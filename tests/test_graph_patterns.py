@@ -554,3 +554,30 @@ def test_a_weight_shared_along_two_axes_counts_its_macs_and_params_once():
     gemm_bias = next(n.input[2] for n in an.model.graph.node if n.op_type == "Gemm")
     assert g.params == sum(inits.values()) - inits[gemm_bias]  # all but the classifier's bias
     assert 0 < g.params_share < 1
+
+
+def test_a_view_after_a_chunk_keeps_the_layer_before_it_prunable():
+    """torch.chunk slices with computed bounds, so shape inference loses the batch dim below it; the
+    flatten ``x.view(x.size(0), -1)`` copies that unknown dim, which cancels when the -1 is solved."""
+    torch = pytest.importorskip("torch")
+    from tests.test_graph_support import torch_export
+
+    class ChunkNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.ca, self.cb = torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.Conv2d(4, 6, 1)
+            self.ct = torch.nn.ConvTranspose2d(12, 8, 2, stride=2)
+            self.fc = torch.nn.Linear(8 * 4 * 4, 3)
+
+        def forward(self, x):
+            a, b = torch.relu(self.c0(x)).chunk(2, dim=1)
+            x = torch.nn.functional.max_pool2d(torch.cat([self.ca(a), self.cb(b)], 1), 4)
+            x = torch.relu(self.ct(x))
+            return self.fc(x.view(x.size(0), -1))
+
+    torch.manual_seed(0)
+    an = _check_random(torch_export(ChunkNet(), torch.randn(2, 3, 8, 8), opset=17), seeds=range(4))
+    ct = [g for g in an.groups if any(m.initializer == "ct.weight" and m.role == "producer" for m in g.members)]
+    assert [g.size for g in ct] == [8], _reasons(an)
+    assert "mixes the channel axis" not in _reasons(an)

@@ -735,10 +735,14 @@ def _reshape_map(w: Walker, tc: TensorChan, din, dout) -> tuple[int, Layout] | N
     return None if segs is None else (b, segs)
 
 
-def _reshape_dims(w: Walker, din, elems: list[Elem], allowzero: int) -> tuple | None:
-    """Reshape output dims from a traced target when shape inference left them unknown."""
+def _reshape_dims(w: Walker, din, elems: list[Elem], allowzero: int, src: str | None = None) -> tuple | None:
+    """Reshape output dims from a traced target when shape inference left them unknown.
+
+    A target element that copies a dim of the reshaped tensor itself (`src`; the batch in
+    ``x.view(x.size(0), -1)``) cancels that dim when the -1 is solved, even when its size is unknown."""
     out: list = []
     minus = None
+    copied: dict[int, int] = {}  # output position -> the input axis it copies
     for k, e in enumerate(elems):
         if e[0] == "c":
             if e[1] == -1:
@@ -746,24 +750,29 @@ def _reshape_dims(w: Walker, din, elems: list[Elem], allowzero: int) -> tuple | 
                 out.append(None)
             elif e[1] == 0 and not allowzero:
                 out.append(din[k] if k < len(din) else None)
+                if k < len(din) and k not in copied.values():
+                    copied[k] = k
             else:
                 out.append(int(e[1]))
         elif e[0] == "d":
             out.append(w.dim(e[1], e[2]))
+            if e[1] == src and e[2] < len(din) and e[2] not in copied.values():
+                copied[k] = e[2]
         else:
             out.append(None)
     if minus is None:
         return tuple(out)
-    others = [d for k, d in enumerate(out) if k != minus]
-    if any(d is None for d in others) or any(d is None for d in din):
+    din_rest = [d for j, d in enumerate(din) if j not in copied.values()]
+    others = [d for k, d in enumerate(out) if k != minus and k not in copied]
+    if any(d is None for d in others) or any(d is None for d in din_rest):
         return tuple(out)
-    syms_in = sorted(d for d in din if isinstance(d, str))
+    syms_in = sorted(d for d in din_rest if isinstance(d, str))
     syms_out = sorted(d for d in others if isinstance(d, str))
     for sym in syms_out:
         if sym not in syms_in:
             return tuple(out)
         syms_in.remove(sym)
-    num = prod(d for d in din if isinstance(d, int))
+    num = prod(d for d in din_rest if isinstance(d, int))
     den = prod(d for d in others if isinstance(d, int))
     if den == 0 or num % den:
         return tuple(out)
@@ -820,7 +829,10 @@ def r_reshape(w: Walker, idx: int, node: onnx.NodeProto) -> None:
     dout = w.dims.get(node.output[0])
     allowzero = int(_attrs(node).get("allowzero", 0))
     if (dout is None or None in dout) and elems is not None and din is not None:
-        dout = _reshape_dims(w, din, elems, allowzero)
+        traced = _reshape_dims(w, din, elems, allowzero, node.input[0])
+        if dout is not None and len(dout) == len(traced):  # keep what shape inference knew
+            traced = tuple(t if t is not None else d for t, d in zip(traced, dout))
+        dout = traced
     m = _reshape_map(w, tc, din, dout)
     if m is None or elems is None or len(elems) != len(dout):
         w.freeze_tc(tc, f"{label} {_reshape_why(tc, din, dout, elems)}")
