@@ -496,7 +496,14 @@ def conv_transpose(spec: NodeSpec) -> Kernel:
                     b.append(pads[i])
                     e.append(pads[n + i])
                     continue
-                total = max(0, full - target)
+                if target - full >= strides[i]:
+                    raise ModelError(f"ConvTranspose node {spec.name!r}: output_shape {target} does not fit an "
+                                     f"input of {size} (at most {full + strides[i] - 1}); fix the model's output_shape")
+                if target > full:  # onnxruntime grows the output at the end; those positions hold the bias
+                    b.append(0)
+                    e.append(full - target)
+                    continue
+                total = full - target
                 # ONNX (and onnxruntime 1.31): SAME_UPPER puts the odd element at the end, otherwise the head
                 head = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
                 b.append(head)
@@ -507,12 +514,18 @@ def conv_transpose(spec: NodeSpec) -> Kernel:
             b, e = pads_for(x, w)  # output_padding < max(stride, dilation) holds in torch and onnxruntime alike
             if b == e:
                 return fn(x, w, bias, strides, b, adj, group, dil)
-            y = fn(x, w, bias, strides, 0, adj, group, dil)
+            grow = [max(0, -v) for v in e]
+            y = fn(x, w, None if any(grow) else bias, strides, 0, adj, group, dil)
             idx = [slice(None), slice(None)]
             for i in range(n):
                 L = y.shape[2 + i]
-                idx.append(slice(b[i], L - e[i]))
-            return y[tuple(idx)]
+                idx.append(slice(b[i], L - max(0, e[i])))
+            y = y[tuple(idx)]
+            if any(grow):
+                y = F.pad(y, _torch_pad([0] * n, grow))
+                if bias is not None:
+                    y = y + bias.reshape((1, -1) + (1,) * n)
+            return y
 
         return k
 
@@ -556,6 +569,10 @@ class _PoolGeom:
         self.keff = [(k - 1) * d + 1 for k, d in zip(self.k, self.d)]
         if n not in (1, 2, 3):
             raise spec.refuse(f"{n}-d")
+        if self.dynamic and any(d != 1 for d in self.d):
+            # onnxruntime sizes SAME pads with the undilated kernel, against the spec: no faithful answer
+            raise spec.refuse(f"auto_pad={self.auto} with dilations")
+        self.spec = spec
 
     @property
     def dynamic(self) -> bool:
@@ -568,7 +585,9 @@ class _PoolGeom:
         for i in range(self.n):
             L = x.shape[2 + i]
             out = -(-L // self.s[i])
-            total = max(0, (out - 1) * self.s[i] + self.keff[i] - L)
+            total = (out - 1) * self.s[i] + self.keff[i] - L
+            if total < 0:  # onnxruntime keeps the negative pad at some opsets and refuses it at others
+                raise self.spec.refuse(f"auto_pad={self.auto} with a kernel shorter than its stride")
             head = total // 2 if self.auto == "SAME_UPPER" else total - total // 2
             b.append(head)
             e.append(total - head)
@@ -591,6 +610,9 @@ def max_pool(spec: NodeSpec) -> Kernel:
     def native_ok(b: list[int], e: list[int]) -> bool:
         return b == e and all(2 * p <= kk for p, kk in zip(b, g.k))  # torch's limit uses the raw kernel
 
+    if want_idx and (g.dynamic or not native_ok(g.pb, g.pe)):
+        raise spec.refuse("indices with SAME, asymmetric or large pads")
+
     def k(x: Tensor) -> Any:
         b, e, ceil = g.pads(x)
         if native_ok(b, e):
@@ -600,8 +622,6 @@ def max_pool(spec: NodeSpec) -> Kernel:
             plane = math.prod(x.shape[2:])
             nc = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *([1] * n))
             return y, idx + nc * plane
-        if want_idx:
-            raise spec.refuse("indices with asymmetric or large pads")
         outs, extra = [], []
         for i in range(n):
             L = x.shape[2 + i]
@@ -804,8 +824,15 @@ _REDUCE: dict[str, tuple[Callable[[Tensor, tuple[int, ...], bool], Tensor], int]
 }
 
 
+# noop_with_empty_axes skips the reduction, not the elementwise part around it (onnxruntime and the spec)
+_REDUCE_NOOP: dict[str, Callable[[Tensor], Tensor]] = {
+    "ReduceL1": torch.abs, "ReduceL2": torch.abs, "ReduceSumSquare": lambda x: x * x, "ReduceLogSum": torch.log,
+}
+
+
 def _reduce_factory(name: str) -> Callable[[NodeSpec], Kernel]:
     fn, since = _REDUCE[name]
+    elementwise = _REDUCE_NOOP.get(name, lambda x: x)
 
     def factory(spec: NodeSpec) -> Kernel:
         keep = bool(int(spec.attr("keepdims", 1)))
@@ -816,7 +843,7 @@ def _reduce_factory(name: str) -> Callable[[NodeSpec], Kernel]:
         def run(x: Tensor, ax: list[int] | None) -> Tensor:
             if not ax:
                 if noop and input_form:
-                    return x
+                    return elementwise(x)
                 dims = tuple(range(x.dim()))
             else:
                 r = x.dim()
@@ -1034,8 +1061,8 @@ def slice_(spec: NodeSpec) -> Kernel:
             else:
                 negative.append((a, s1, e1, stp))
         y = x[tuple(idx)]
-        for a, s1, e1, stp in negative:
-            y = y.index_select(a, torch.arange(s1, e1, stp, device=x.device))
+        for a, s1, e1, stp in negative:  # an empty range (start clamped below end) selects nothing
+            y = y.index_select(a, torch.arange(s1, min(e1, s1), stp, device=x.device))
         return y
 
     if known:
@@ -1156,7 +1183,10 @@ def dropout(spec: NodeSpec) -> Kernel:
     if spec.opset < 7 and not int(spec.attr("is_test", 0)):
         raise spec.refuse("is_test=0")
     if spec.n_outputs > 1:
-        return lambda x, *_: (x, torch.ones_like(x, dtype=torch.bool))
+        # opsets 7-11 give an inference mask of zeros in onnxruntime (float before opset 10), 12 on all True
+        if spec.opset < 10:
+            return lambda x, *_: (x, torch.zeros_like(x))
+        return lambda x, *_: (x, torch.full_like(x, spec.opset >= 12, dtype=torch.bool))
     return lambda x, *_: x
 
 
@@ -1331,6 +1361,10 @@ def _nearest(xo: np.ndarray, mode: str) -> np.ndarray:
     return r.astype(np.int64)
 
 
+def _resized_len(L: int, j: int, scales: list | None, sizes: list[int] | None) -> int:
+    return sizes[j] if sizes is not None else int(np.floor(np.float32(L) * np.float32(scales[j])))
+
+
 @register("Resize")
 def resize(spec: NodeSpec) -> Kernel:
     if spec.opset < 11:
@@ -1367,6 +1401,9 @@ def resize(spec: NodeSpec) -> Kernel:
         r = len(shape)
         axes = [_norm_axis(a, r) for a in axes_attr] if axes_attr else list(range(r))
         steps = []
+        if all(_resized_len(shape[a], j, scales, sizes) == shape[a] for j, a in enumerate(axes)):
+            cache[key] = steps  # onnxruntime copies the input when no size changes, whatever the scales
+            return steps
         for j, a in enumerate(axes):
             L = shape[a]
             if sizes is not None:
