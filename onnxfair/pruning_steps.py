@@ -129,6 +129,8 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
     """Bi-level method: mask scores and weights trained jointly, then selected to the budget by select.py."""
     from onnxfair.bilevel import bilevel_prune
     from onnxfair.graph import channel_masks
+    from onnxfair.importance import compute_scores
+    from onnxfair.prune import weight_names
     from onnxfair.select import rewrite_macs
 
     if cfg.sparsity is not None:
@@ -137,8 +139,10 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
         budget = {"target_macs": cfg.target_macs, "macs_fn": rewrite_macs(an),
                   "dense_macs": float(an.cost.macs) if getattr(an, "cost", None) is not None else None}
     train, val = fit.split(0.2, seed=cfg.seed)
+    prior = compute_scores("magnitude", mod, groups=an.groups if cfg.structured else None,
+                           weights=weight_names(dense) if cfg.structured else units)
     res = bilevel_prune(
-        mod, units, train, val, steps=cfg.bilevel_steps, scope=cfg.scope,
+        mod, units, train, val, prior=prior, steps=cfg.bilevel_steps, scope=cfg.scope,
         round_to=cfg.round_to if cfg.structured else 1, alpha=cfg.bilevel_alpha, loss=cfg.loss,
         beta=cfg.beta, gamma=cfg.gamma,
         batch_size=cfg.batch_size, seed=cfg.seed, model=dense,

@@ -17,7 +17,6 @@ from onnxfair.bilevel import (
     bilevel_prune,
     learned_scores,
     macs_keep_fraction,
-    mask_gradient_surrogate,
 )
 from onnxfair.errors import UsageError
 from onnxfair.graph import analyze, channel_masks, model_cost, prune_channels, round_keep
@@ -91,9 +90,9 @@ def known():
     return an, train, val
 
 
-def run_known(an, train, val, alpha=1.0, seed=0, **kw):
+def run_known(an, train, val, alpha=1.0, seed=0, steps=100, **kw):
     mod = module(an.model)
-    res = bilevel_prune(mod, an.groups, train, val, sparsity=0.5, steps=100, alpha=alpha, seed=seed, model=an.model,
+    res = bilevel_prune(mod, an.groups, train, val, sparsity=0.5, steps=steps, alpha=alpha, seed=seed, model=an.model,
                         batch_size=64, **kw)
     return mod, res
 
@@ -109,8 +108,8 @@ def test_keeps_the_minority_units_magnitude_removes(known):
         mag += (np.moveaxis(inits[m.initializer], m.axis, 0).reshape(8, -1) ** 2).sum(1)
     magnitude_keep = np.sort(np.argsort(-mag, kind="stable")[:4])
     assert not ({2, 3} & set(magnitude_keep.tolist()))
-    mod, res = run_known(an, train, val)
-    np.testing.assert_array_equal(res.keep[grp.id], [0, 1, 2, 3])
+    mod, res = run_known(an, train, val, steps=300)
+    np.testing.assert_array_equal(res.keep[grp.id], [0, 1, 2, 3])  # they start below the noise units
     # the physically pruned graphs, in onnxruntime: bilevel keeps the minority, magnitude loses it
     acc_bilevel = ort_group_accuracy(prune_channels(an, res.keep), val)
     acc_magnitude = ort_group_accuracy(prune_channels(an, {grp.id: magnitude_keep}), val)
@@ -300,35 +299,56 @@ def test_selection_by_hand():
     np.testing.assert_array_equal(m["b"], [1, 0])
 
 
-def test_mask_score_gradient_equals_autograd_through_the_masks():
-    """dL/ds from parameter gradients (the interpreter detaches masks) equals differentiating a plain torch
-    forward in which the soft masks are part of the graph."""
+def test_channel_score_gradient_is_the_straight_through_gradient_of_the_mask():
+    """masker.gather(∂L/∂w_eff · w), from the interpreter's parameter gradients at the masked weights, equals
+    ∂L/∂m of a plain torch forward in which the hard channel masks are leaves, removed channels included."""
     model = mlp3(1, h1=6, h2=5)
     an = analyze(model)
     mod = module(an.model)
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.normal(size=(32, 4)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 2, 32))
-    temp = 0.7
-    scores = [torch.from_numpy(rng.normal(size=g.size)).float().requires_grad_(True) for g in an.groups]
+    hard = [torch.from_numpy((rng.random(g.size) < 0.5).astype(np.float32)) for g in an.groups]
     masker = _ChannelMasker(mod, an.groups)
+    masks = masker.masks(hard)
+    stored = {n: t.detach().clone() for n, t in mod.params.items()}
     with torch.no_grad():
-        mod.set_masks(masker.masks([torch.sigmoid(s / temp) for s in scores]))
+        for n, m in masks.items():
+            mod.params[n].copy_(stored[n] * m)
     torch.nn.functional.cross_entropy(mod(x=x), y).backward()
-    log_masks = masker.log_masks([torch.nn.functional.logsigmoid(s / temp) for s in scores])
-    mask_gradient_surrogate(mod, log_masks).backward()
-    got = [s.grad.clone() for s in scores]
-    # reference: masks inside the autograd graph
-    ref_scores = [s.detach().clone().requires_grad_(True) for s in scores]
-    masks = masker.masks([torch.sigmoid(s / temp) for s in ref_scores])
-    p = {n: t.detach() for n, t in mod.params.items()}
-    eff = {n: p[n] * masks[n] if n in masks else p[n] for n in p}
+    got = masker.gather({n: mod.params[n].grad * stored[n] for n in masks})
+    # reference: the masks as leaves of a plain torch forward
+    leaves = [h.clone().requires_grad_(True) for h in hard]
+    spread = masker.masks(leaves)
+    eff = {n: stored[n] * spread[n] if n in spread else stored[n] for n in stored}
     h = torch.relu(x @ eff["W1"].T + eff["B1"])
     h = torch.relu(h @ eff["W2"].T + eff["B2"])
     torch.nn.functional.cross_entropy(h @ eff["W3"].T + eff["B3"], y).backward()
-    for a, b in zip(got, ref_scores):
-        torch.testing.assert_close(a, b.grad, rtol=1e-4, atol=1e-7)
-    assert all(float(g.abs().sum()) > 0 for g in got)
+    for a, leaf, m in zip(got, leaves, hard):
+        torch.testing.assert_close(a, leaf.grad.double(), rtol=1e-4, atol=1e-7)
+        assert float(a[m == 0].abs().sum()) > 0  # a removed channel still learns what it would bring back
+
+
+@pytest.mark.parametrize("structured", [True, False])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_the_scores_start_at_magnitudes_selection(three_layer, structured, scope):
+    """With the scores held still (score_lr 0) the selection is the magnitude method's at the same budget."""
+    from onnxfair.importance import compute_scores
+
+    an, ds = three_layer
+    mod = module(an.model)
+    units = an.groups if structured else ["W1", "W2", "W3"]
+    mag = compute_scores("magnitude", mod, groups=an.groups if structured else None,
+                         weights=None if structured else units)
+    res = bilevel_prune(mod, units, ds, None, sparsity=0.6, scope=scope, score_lr=0.0, model=an.model, **SHORT)
+    if structured:
+        expected = select_channels(mag, an.groups, sparsity=0.6, scope=scope)
+        for gid in expected:
+            np.testing.assert_array_equal(res.keep[gid], expected[gid])
+    else:
+        expected = select_weights(mag, 0.6, scope=scope)
+        for n in units:
+            np.testing.assert_array_equal(res.masks[n], expected[n])
 
 
 def test_masker_skips_padded_positions_and_multiplies_shared_parameters():
