@@ -26,6 +26,34 @@ def _is_onnxfair_markdown(path: Path) -> bool:
         return False
 
 
+def _external_data_files(model_path: Path) -> list[Path]:
+    """The files an ONNX model keeps its weights in (external data), read from the graph without loading them."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # not a readable model: the command's own loading reports that
+        return []
+    files = []
+    tensors = list(model.graph.initializer) + [n.attribute[0].t for n in model.graph.node
+                                                if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in t.external_data if e.key == "location"), None)
+            if location:
+                files.append(model_path.parent / location)
+    return list(dict.fromkeys(files))
+
+
+def _with_external_data(inputs: dict[str, str | None]) -> dict[str, str | None]:
+    out = dict(inputs)
+    for name, source in inputs.items():
+        if source and source.endswith(".onnx") and Path(source).is_file():
+            for f in _external_data_files(Path(source)):
+                out[f"{name}'s external data"] = str(f)
+    return out
+
+
 def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
     """Refuse, before anything is computed, outputs that would overwrite an input (model or data), collide with
     each other, name a folder, or go to a folder that is missing or not writable. The Markdown twin of
@@ -42,6 +70,8 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
             if option != "--json":
                 raise UsageError(f"{option} - is not supported; use --json - for the report on stdout")
             continue
+        if path.endswith(("/", os.sep)):
+            raise UsageError(f"{option} {path} names a folder; give a file path")
         named.append((option, Path(path)))
         if option == "--report":
             md = Path(path).with_suffix(".md")
@@ -52,6 +82,7 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
             if md.is_file() and not _is_onnxfair_markdown(md):
                 raise UsageError(f"--report {path} would replace {md}, which is not an onnxfair report; "
                                  "move that file or choose another --report path")
+    inputs = _with_external_data(inputs)
     for option, target in named:
         for name, source in inputs.items():
             if source and _same(target, Path(source)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     return target
 
 
+WRITTEN: list[Path] = []  # files replaced by this process, in order: an interrupted command names them
+
+
 @contextlib.contextmanager
 def _writable(target: Path) -> Iterator[str]:
     """A temporary file beside `target`, renamed onto it when the body succeeds and removed otherwise; a
@@ -128,8 +132,9 @@ def _writable(target: Path) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent or "."))
         os.close(fd)
         yield tmp
-        os.chmod(tmp, _umask_mode())
+        os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) if target.is_file() else _umask_mode())
         os.replace(tmp, target)
+        WRITTEN.append(target)
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose another path") from None
     finally:

@@ -23,7 +23,7 @@ from onnxfair import __version__, settings
 from onnxfair.data import GroupedDataset
 from onnxfair.errors import UsageError
 from onnxfair.head import several_outputs_note
-from onnxfair.runtime import warn_once
+from onnxfair.runtime import collecting_warnings, warn_once
 
 GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
@@ -298,14 +298,21 @@ def prune_model(
 
     `cache` (optional) reuses the channel analysis, the dense cost and, when latency is off, the dense model's
     evaluation from earlier calls on the same model and data; the report is the same with or without it.
+    The report's `warnings` holds every warning the run gave, through `progress` or printed once per process.
     """
+    warnings: list[str] = []
+    with collecting_warnings(warnings):
+        return _prune_model(model, calib, eval_ds, cfg, _collecting_warnings(progress, warnings), cache, warnings)
+
+
+def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: GroupedDataset | None,
+                 cfg: PruneConfig, progress: Callable[[str], None], cache: DenseCache | None,
+                 warnings: list[str]) -> PruneResult:
     from onnxfair.evaluate import evaluate_models
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
     from onnxfair.graph.cost import uncounted_note
 
     cfg.validate(has_data=calib is not None)
-    warnings: list[str] = []
-    progress = _collecting_warnings(progress, warnings)
     timer = _Timer(progress)
     fit, held, eval_source = _split_eval(calib, eval_ds, cfg)
     structure: dict = {}
@@ -383,11 +390,18 @@ def prune_model(
                          f"{_sparsity_miss_reason(cfg, structure['groups'], removed / max(total, 1))}")
         else:
             pruned = mask_weights(dense_for_rewrite, masks)
+            # counted in the written weights, so a model that already had zeros is described as it is
+            written = _zeros_by_initializer(pruned, masks)
+            before = _zeros_by_initializer(model, masks)
             total = sum(int(m.size) for m in masks.values())
-            zeros = sum(int((m == 0).sum()) for m in masks.values())
-            structure["weights"] = {"prunable": total, "zeroed": zeros, "sparsity": zeros / max(total, 1)}
-            structure["layers"] = [{"name": n, "weights": int(m.size), "kept": int(np.count_nonzero(m))}
+            zeros = sum(written.values())
+            structure["weights"] = {"prunable": total, "zeroed": zeros, "sparsity": zeros / max(total, 1),
+                                    "zero_before": sum(before.values())}
+            structure["layers"] = [{"name": n, "weights": int(m.size), "kept": int(m.size) - written[n]}
                                    for n, m in masks.items()]
+            if cfg.sparsity is not None and zeros / max(total, 1) > cfg.sparsity + 0.02 and sum(before.values()):
+                progress(f"note: {zeros / max(total, 1):.3f} of the prunable weights are zero, not {cfg.sparsity}: "
+                         f"the input model already had {sum(before.values()):,} zero weights")
             emptied = [n for n, m in masks.items() if m.size and not np.count_nonzero(m)]
             if emptied:  # the layer's output no longer depends on its input
                 fix = ("use --scope layer or a lower --sparsity" if cfg.scope == "global"
@@ -468,7 +482,7 @@ def _collecting_warnings(progress: Callable[[str], None], into: list[str]) -> Ca
     """`progress` that also keeps each "warning: ..." line: the report carries them, so a sweep (whose runs
     print nothing) and a pipeline reading the JSON see what the terminal would have shown."""
     def say(line: str) -> None:
-        if line.startswith("warning: "):
+        if line.startswith("warning: ") and line[len("warning: "):] not in into:
             into.append(line[len("warning: "):])
         progress(line)
 
@@ -498,6 +512,15 @@ def _settings(cfg: PruneConfig) -> dict:
 def unmatched_warning(pattern: str) -> str:
     return (f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
             "onnxfair inspect --groups lists the names")
+
+
+def _zeros_by_initializer(model: onnx.ModelProto, names) -> dict[str, int]:
+    """Exact zeros in each named initializer of `model`."""
+    from onnx import numpy_helper
+
+    wanted = set(names)
+    return {i.name: int(i_arr.size - np.count_nonzero(i_arr))
+            for i in model.graph.initializer if i.name in wanted for i_arr in [numpy_helper.to_array(i)]}
 
 
 def _sparsity_miss_reason(cfg: PruneConfig, groups: list[dict], removed: float) -> str:

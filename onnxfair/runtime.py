@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -27,7 +29,24 @@ def _ort():
     return onnxruntime
 
 
+_COLLECTORS: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def collecting_warnings(into: list[str]) -> Iterator[list[str]]:
+    """Also keep, in `into`, every warn_once message given inside the block, printed before or not."""
+    _COLLECTORS.append(into)
+    try:
+        yield into
+    finally:
+        _COLLECTORS.remove(into)
+
+
 def warn_once(message: str) -> None:
+    """Print a warning once per process (a data reader or a session may be built many times)."""
+    for into in _COLLECTORS:
+        if message not in into:
+            into.append(message)
     if message not in _WARNED:
         _WARNED.add(message)
         print(f"warning: {message}", file=sys.stderr)

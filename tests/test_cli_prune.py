@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -629,3 +630,108 @@ def test_a_whole_channel_shortfall_with_round_to_one_gives_advice_that_can_be_ta
                 "--sparsity", "0.7", "--round-to", "1", "--scope", scope, "--no-latency", "-o", tmp_path / "p.onnx")
         assert r.exit_code == 0, r.output
         assert f"warning: 0.750 of the channels removed, not 0.7: {reason}" in r.stderr.splitlines(), r.stderr
+
+
+def _external_data_copy(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    onnx.save_model(onnx.load(MLP), folder / "model.onnx", save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    return folder / "model.onnx", folder / "model.onnx.data"
+
+
+def test_no_output_may_land_on_the_input_models_external_data_or_name_a_folder(tmp_path):
+    model, weights = _external_data_copy(tmp_path)
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    base = ["prune", model, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5", "--no-latency"]
+    out = tmp_path / "x.onnx"
+    assert "model's external data; refusing" in _error([*base, "-o", weights])
+    assert "model's external data; refusing" in _error([*base, "-o", out, "--report", weights])
+    assert "model's external data; refusing" in _error(["evaluate", model, "--data", EVAL, "--groups", "race",
+                                                      "--no-latency", "--json", weights])
+    assert "names a folder" in _error([*base, "-o", f"{tmp_path / 'new'}/"])
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_sigterm_inside_an_atomic_write_removes_its_temporary_file(tmp_path):
+    """The default SIGTERM action ends the process without running `finally`; the command's handler raises
+    instead, so the temporary file goes, and the message says what was already written."""
+    import os
+    import signal
+
+    from cli.main import Terminated, _interrupted_message, _terminate
+    from onnxfair.model import WRITTEN, write_text_atomic
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        WRITTEN.clear()
+        write_text_atomic("{}", tmp_path / "first.json")
+        with pytest.raises(Terminated):
+            from onnxfair import model as model_module
+
+            with model_module._writable(tmp_path / "second.json") as tmp:
+                Path(tmp).write_text("partial")
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json"]
+    assert _interrupted_message() == f"wrote {tmp_path / 'first.json'} before stopping; the rest was not written"
+
+
+def test_ctrl_c_after_the_model_is_written_says_so(tmp_path, monkeypatch):
+    import cli.prune
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.prune, "emit_json", stopped)
+    out = tmp_path / "x.onnx"
+    r = CliRunner().invoke(app, [str(a) for a in ["prune", MLP, "--data", CAL, "--groups", "race", "--method",
+                                                  "magnitude", "--sparsity", "0.5", "--no-latency", "-o", out,
+                                                  "--report", tmp_path / "r.json"]])
+    assert r.exit_code == 130
+    assert f"interrupted; wrote {out} before stopping; the rest was not written" in r.stderr
+
+
+def test_repruning_counts_the_zeros_in_the_written_weights(tmp_path):
+    first, rep1 = _prune(tmp_path, "u80", "--method", "magnitude", "--unstructured", "--sparsity", "0.8")
+    out = tmp_path / "again.onnx"
+    r = run("prune", first, "--data", CAL, "--groups", "race", "--method", "magnitude", "--unstructured",
+            "--sparsity", "0.3", "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    arrays = initializer_arrays(onnx.load(out))
+    layers = {d["name"]: d for d in rep["structure"]["layers"]}
+    zeros = sum(int((arrays[n] == 0).sum()) for n in layers)
+    w = rep["structure"]["weights"]
+    assert w["zeroed"] == zeros == rep1["structure"]["weights"]["zeroed"] == w["zero_before"]
+    assert w["sparsity"] == pytest.approx(0.8, abs=0.01)
+    for n, d in layers.items():
+        assert d["kept"] == int(np.count_nonzero(arrays[n]))
+    assert rep["cost"]["params_nonzero_pruned"] == rep["cost"]["params_pruned"] - zeros
+    assert "already had" in r.stderr
+
+
+def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):
+    """A model with two outputs is warned about through warn_once; the report keeps the line every time."""
+    m = onnx.load(MLP)
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    m.graph.output.append(helper.make_tensor_value_info(relu.output[0], TensorProto.FLOAT, ["batch", 64]))
+    two = tmp_path / "two.onnx"
+    onnx.save(m, two)
+    for name in ("a", "b"):
+        r = run("prune", two, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5",
+                "-o", tmp_path / f"{name}.onnx", "--json", "-", "--no-latency")
+        assert r.exit_code == 0, r.output
+        assert any("2 outputs" in w for w in json.loads(r.stdout)["warnings"])
+
+
+def test_replacing_an_output_keeps_its_file_mode(tmp_path):
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"old")
+    out.chmod(0o600)
+    _prune(tmp_path, "x", "--method", "magnitude", "--sparsity", "0.5")
+    assert out.stat().st_mode & 0o777 == 0o600
