@@ -180,7 +180,8 @@ def repair_masked(
 
     mod.set_masks(_to_torch_masks(masks, str(torch_device(cfg.device))))
     return repair_statistics(mod, dense, masks, fit, balanced=cfg.repair == "balanced",
-                             batch_size=cfg.batch_size, progress=progress, dense_stats=dense_stats)
+                             batch_size=cfg.batch_size, progress=progress, dense_stats=dense_stats,
+                             fixed=ignored_weights(dense, cfg))
 
 
 def finetune_masked(

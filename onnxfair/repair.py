@@ -23,7 +23,7 @@ are and listed in the record.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -186,12 +186,13 @@ class _NotPerRow(Exception):
 def repair_statistics(
     mod, model: onnx.ModelProto, masks: Mapping[str, np.ndarray], ds: GroupedDataset, *, balanced: bool = True,
     batch_size: int = 256, progress: Callable[[str], None] = lambda s: None,
-    dense_stats: dict | None = None,
+    dense_stats: dict | None = None, fixed: Collection[str] = (),
 ) -> dict:
     """Renormalise, in place, the parameters of `mod` (the interpreter of `model`, pruned by `masks`, which
     stay applied) so each repairable layer a mask reaches matches the dense model's per-channel output
     statistics on `ds`. `dense_stats` (a dict, filled on first use) keeps those dense statistics between
-    calls on the same model, data and mode, e.g. the steps of one iterative run. Returns the report's record."""
+    calls on the same model, data and mode, e.g. the steps of one iterative run. A layer whose weight or
+    bias is in `fixed` (--ignore) is left untouched. Returns the report's record."""
     from onnxfair.finetune import model_device
 
     layers, skipped = repairable_layers(model)
@@ -200,6 +201,9 @@ def repair_statistics(
     for l in [l for l in layers if l.bias in masks]:
         skipped.append({"node": l.node, "reason": "its bias is masked"})
     layers = [l for l in layers if l.bias not in masks]
+    for l in [l for l in layers if l.weight in fixed or l.bias in fixed]:
+        skipped.append({"node": l.node, "reason": "--ignore keeps it untouched"})
+    layers = [l for l in layers if l.weight not in fixed and l.bias not in fixed]
     record = {"mode": "balanced" if balanced else "plain", "layers": len(layers), "skipped": skipped, "scales": {}}
     if not layers or len(ds) == 0:
         return record

@@ -304,16 +304,19 @@ def test_ignore_keeps_a_named_nodes_weights_dense_and_warns_about_a_pattern_that
      "fc2.weight"),
     (["--method", "bilevel", "--bilevel-steps", "5", "--unstructured"], "fc2.weight"),
     (["--method", "bilevel", "--bilevel-steps", "5"], "node_linear"),
+    (["--method", "magnitude", "--unstructured", "--repair", "balanced"], "node_linear_1"),
+    (["--method", "magnitude", "--repair", "balanced"], "node_linear_2"),
 ])
 def test_weight_updates_leave_ignored_initializers_byte_identical(tmp_path, extra, ignored):
-    """Before: --ignore kept the weights from being pruned, but fine-tuning, step epochs and bilevel's lower level
-    still trained them (and an ignored node's bias), with exit 0."""
+    """Before: --ignore kept the weights from being pruned, but fine-tuning, step epochs, bilevel's lower level
+    and the statistics repair still changed them (and an ignored node's bias), with exit 0."""
     out = tmp_path / "p.onnx"
     r = run("prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.8", "--ignore", ignored, "--threads", "1",
             "--no-latency", *extra, "-o", out)
     assert r.exit_code == 0, r.output
     dense, pruned = initializer_arrays(onnx.load(MLP)), initializer_arrays(onnx.load(out))
-    kept = {"node_linear": ["fc1.weight", "fc1.bias"]}.get(ignored, [ignored])
+    kept = {"node_linear": ["fc1.weight", "fc1.bias"], "node_linear_1": ["fc2.weight", "fc2.bias"],
+            "node_linear_2": ["head.weight", "head.bias"]}.get(ignored, [ignored])
     for name in kept:
         assert pruned[name].tobytes() == dense[name].tobytes(), name
     others = [n for n in dense if n not in kept and n.endswith("weight")]
