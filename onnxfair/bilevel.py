@@ -70,6 +70,7 @@ from onnxfair.finetune import (
     DENSE_REFERENCE_LOSSES,
     LOSSES,
     FinetuneResult,
+    adam,
     batch_losses,
     finetune,
     group_means,
@@ -352,7 +353,7 @@ def bilevel_prune(
     # the stored (unmasked) values of masked parameters; the module's own hold the masked values each step
     stored = {n: params[n].detach().clone().requires_grad_(n in wnames) for n in masked_names}
     trained = [stored[n] for n in masked_names if n in wnames] + [params[n] for n in wnames if n not in stored]
-    w_opt = torch.optim.Adam(trained, lr=weight_lr) if update_weights and trained else None
+    w_opt = adam(trained, weight_lr) if update_weights and trained else None
     saved_flags = {n: p.requires_grad for n, p in params.items()}
 
     def zero_param_grads() -> None:
@@ -393,7 +394,7 @@ def bilevel_prune(
                     for n in masked_names:
                         if stored[n].requires_grad:
                             gr = params[n].grad
-                            stored[n].grad = None if gr is None else gr * step_masks[n]
+                            stored[n].grad = None if gr is None else (gr * step_masks[n]).to(gr.dtype)
                     w_opt.step()
             if step % log_every == 0 or step == steps - 1:
                 moved = _moved_fraction(first_masks, step_masks)

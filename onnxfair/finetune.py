@@ -315,6 +315,13 @@ class ValStats:
     correct: np.ndarray
 
 
+def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam with an epsilon the parameters' dtype can hold: the default 1e-8 is 0 in float16, and a weight
+    whose gradient is zero (masked, or dead) then steps by 0/0 = NaN."""
+    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.Adam(params, lr=lr, eps=1e-4 if low else 1e-8)
+
+
 def validation_stats(mod, ds: GroupedDataset, n_groups: int, batch_size: int) -> ValStats:
     """Accuracy and cross-entropy on `ds`, overall and per group: what early stopping and the constraints judge."""
     device = model_device(mod)
@@ -425,7 +432,7 @@ def finetune(
         p.requires_grad_(n in names and p.is_floating_point())
     params = [mod.params[n] for n in names if mod.params[n].is_floating_point()]
     if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = adam(params, lr)
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
 
@@ -460,10 +467,15 @@ def finetune(
     elif loss == "ceag":
         result.tolerance = eps_c
 
+    diverged: list[int] = []
+
     def record(epoch: int, train_loss: float | None) -> tuple:
         stats = validation_stats(mod, val, n_groups, max(batch_size, 256))
         v = violation(stats)
-        feasible = loss not in ("equalized", "ceag") or v <= result.tolerance + 1e-12
+        finite = bool(np.isfinite(stats.loss)) and (train_loss is None or bool(np.isfinite(train_loss)))
+        feasible = finite and (loss not in ("equalized", "ceag") or v <= result.tolerance + 1e-12)
+        if not finite:
+            diverged.append(epoch)
         rec = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -477,13 +489,14 @@ def finetune(
         result.history.append(rec)
         group_balanced = loss in ("balanced", "distill")
         score = float(np.nanmean(stats.group_accuracy)) if group_balanced else stats.accuracy
-        key = (1, score) if feasible else (0, -v)
+        key = (-1, 0.0) if not finite else (1, score) if feasible else (0, -v)  # a NaN model is never kept
         say(
             f"fine-tune epoch {epoch}: "
             + (f"train loss {train_loss:.4f}, " if train_loss is not None else "")
             + f"val accuracy {stats.accuracy:.4f}"
             + (f", mean group accuracy {score:.4f}" if group_balanced else "")
-            + (f", violation {v:.4f}" if loss in ("equalized", "ceag") else "")
+            + (f", violation {v:.4f}" if loss in ("equalized", "ceag") and finite else "")
+            + ("" if finite else " (non-finite: never kept)")
         )
         return key
 
@@ -533,6 +546,8 @@ def finetune(
                 total += float(per_row.detach().sum())
                 rows += len(idx)
             key = record(epoch, total / max(rows, 1))
+            if diverged:  # NaN weights stay NaN: later epochs cannot recover
+                break
             if key > best_key:
                 best_key, best_state = key, snapshot()
                 result.best_epoch = epoch
@@ -545,7 +560,10 @@ def finetune(
                 mod.params[n].copy_(t)
         for n, p in mod.params.items():
             p.requires_grad_(saved_flags[n])
-    if not result.best.feasible:
+    if diverged:
+        say(f"warning: fine-tuning diverged at epoch {diverged[0]} (non-finite loss); kept epoch {result.best_epoch}: "
+            "lower --finetune-lr")
+    elif not result.best.feasible:
         say(f"fine-tune: no epoch met the {loss} constraint on validation (tolerance {result.tolerance}); kept epoch "
             f"{result.best_epoch}, the smallest violation ({result.best.val_violation:.3f}): "
             + ("raise --eps or fine-tune longer" if loss == "ceag" else "fine-tune longer"))

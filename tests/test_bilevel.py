@@ -387,3 +387,22 @@ def test_prune_run_with_target_macs():
     ratio = res.report["cost"]["macs_ratio"]
     assert 0.4 < ratio <= 0.5
     assert all(g["kept"] % 8 == 0 or g["kept"] == g["channels"] for g in res.report["structure"]["groups"])
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_float16_model_trains_without_a_dtype_clash(three_layer, structured):
+    """The step masks are float32: a float16 model's gradients were multiplied up to float32 and refused."""
+    an, ds = three_layer
+    half = onnx.ModelProto()
+    half.CopyFrom(an.model)
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for vi in list(half.graph.input) + list(half.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del half.graph.value_info[:]
+    ds16 = dataclasses.replace(ds, inputs={"x": ds.inputs["x"].astype(np.float16)})
+    an16 = analyze(half)
+    mod = module(half)
+    units = an16.groups if structured else ["W1", "W2", "W3"]
+    bilevel_prune(mod, units, ds16, None, sparsity=0.5, model=half, **SHORT)
+    assert all(torch.isfinite(p).all() for p in mod.params.values())

@@ -499,3 +499,38 @@ def test_constraint_cost_names_the_most_accurate_infeasible_epoch():
     res.history = [_record(0, 0.3, 0.1, False), _record(1, 0.6, 0.2, False)]
     res.best_epoch = 0
     assert res.constraint_cost() is None
+
+
+def test_a_diverging_run_never_keeps_a_nan_epoch(learnable):
+    """A NaN model predicts one class and has no group-loss gaps: accuracy and the constraint used to pick it."""
+    model, train, val, masks = learnable
+    mod = module(model)
+    lines = []
+    res = finetune(mod, train, val, masks=masks, epochs=3, loss="equalized", lr=1e30, batch_size=64, seed=0,
+                   progress=lines.append)
+    assert res.best_epoch == 0
+    assert len(res.history) == 2 and not np.isfinite(res.history[1].train_loss) and not res.history[1].feasible
+    assert all(torch.isfinite(p).all() for p in mod.params.values())
+    assert any(line.startswith("warning: fine-tuning diverged at epoch 1") for line in lines)
+
+
+def test_float16_weights_train_without_nan(learnable):
+    """Adam's default epsilon (1e-8) is 0 in float16: a masked weight's zero gradient stepped by 0/0."""
+    model, train, val, masks = learnable
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for vi in list(half.graph.input) + list(half.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del half.graph.value_info[:]
+
+    def as16(ds):
+        return GroupedDataset({"x": ds.inputs["x"].astype(np.float16)}, ds.y, ds.group_ids, ds.group_labels)
+
+    mod = module(half)
+    res = finetune(mod, as16(train), as16(val), masks=masks, epochs=2, loss="ce", lr=1e-2, batch_size=64, seed=0,
+                   patience=None)
+    assert all(np.isfinite(r.train_loss) for r in res.history[1:])
+    w1 = mod.params["W1"].detach().numpy()
+    assert np.isfinite(w1).all() and np.all(w1[masks["W1"] == 0] == 0)
