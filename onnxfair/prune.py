@@ -21,7 +21,7 @@ import onnx
 
 from onnxfair import __version__, settings
 from onnxfair.data import GroupedDataset
-from onnxfair.errors import UsageError
+from onnxfair.errors import DataError, UsageError
 from onnxfair.head import several_outputs_note
 from onnxfair.runtime import collecting_warnings, warn_once
 
@@ -98,6 +98,10 @@ class PruneConfig:
             raise UsageError(f"--finetune-lr {self.finetune_lr} must be a finite number > 0, e.g. 1e-3")
         if not (self.bilevel_alpha >= 0.0 and math.isfinite(self.bilevel_alpha)):
             raise UsageError(f"--bilevel-alpha {self.bilevel_alpha} must be a finite number >= 0 (0: no fairness penalty)")
+        if not 0.0 <= self.beta <= 1.0:  # also refuses NaN
+            raise UsageError(f"--beta {self.beta} is outside [0, 1]; it is the pw loss's weight floor, e.g. 0.75")
+        if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
+            raise UsageError(f"--gamma {self.gamma} must be a finite number >= 0, e.g. 5")
         if not 0.0 <= self.finetune_eps <= 1.0:
             raise UsageError(f"--eps {self.finetune_eps} is outside [0, 1]; it is the tolerated excess accuracy gap, e.g. 0.02")
         if self.repair not in REPAIR_MODES:
@@ -198,8 +202,11 @@ def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     if refused:
         return UnsupportedError(refusal_message(refused))
     # a space frozen for several reasons gives them joined by "; ": each reason is named once
-    reasons = "; ".join(sorted({r for f in an.frozen for r in f["reason"].split("; ")})[:3]) or "no Conv/Gemm/MatMul channels"
-    return UsageError(f"nothing prunable in this graph ({reasons}); try --unstructured")
+    every = sorted({r for f in an.frozen for r in f["reason"].split("; ")})
+    reasons = "; ".join(every[:3]) or "no Conv/Gemm/MatMul channels"
+    ignored_only = every and all("matches ignore pattern" in r for r in every if "graph output" not in r)
+    return UsageError(f"nothing prunable in this graph ({reasons}); "
+                      + ("narrow --ignore" if ignored_only else "try --unstructured"))
 
 
 def _shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
@@ -315,6 +322,12 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     cfg.validate(has_data=calib is not None)
     timer = _Timer(progress)
     fit, held, eval_source = _split_eval(calib, eval_ds, cfg)
+    if (cfg.finetune_epochs or cfg.step_epochs) and fit is not None:  # before the scoring, not after
+        train, val = fit.split(0.2, seed=cfg.seed)
+        if not len(train) or not len(val):
+            raise DataError(f"fine-tuning holds out a fifth of each group's rows for early stopping (a group needs 2 "
+                            f"rows to give one): the {len(fit)} rows it may use leave {len(train)} to train and "
+                            f"{len(val)} to validate; pass more rows in --data")
     structure: dict = {}
     if cache is not None:
         cache.bind(model, calib, eval_ds)
@@ -351,11 +364,15 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             an = None
             dense = to_dense_storage(model) if model.graph.sparse_initializer else model  # a --sparse-storage output
             units = weight_names(dense)
+            if not units:
+                raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
             if cfg.ignore:
                 ignored = ignored_initializers(model, cfg.ignore)
                 units = [u for u in units if u not in ignored]
-            if not units:
-                raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
+                if not units:
+                    names = weight_names(dense)
+                    raise UsageError(f"--ignore {' '.join(cfg.ignore)} covers every prunable weight "
+                                     f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); narrow the pattern")
 
     from onnxfair.pruning_steps import finetune_and_write_back, select_masks
 

@@ -738,3 +738,19 @@ def test_replacing_an_output_keeps_its_file_mode(tmp_path):
     out.chmod(0o600)
     _prune(tmp_path, "x", "--method", "magnitude", "--sparsity", "0.5")
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_pw_settings_ignore_patterns_and_too_few_rows_are_refused_before_any_work(tmp_path):
+    base = ["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"]
+    assert _error([*base, "--method", "taylor", "--loss", "pw", "--beta", "2"]).startswith("error: --beta 2.0 is outside [0, 1]")
+    assert _error([*base, "--method", "taylor", "--loss", "pw", "--gamma", "-1"]).startswith("error: --gamma -1.0 must be")
+    assert _error([*base, "--method", "magnitude", "--unstructured", "--ignore", "*"]).endswith(
+        "covers every prunable weight (fc1.weight, fc2.weight, head.weight); narrow the pattern")
+    assert _error([*base, "--method", "magnitude", "--ignore", "*"]).endswith("narrow --ignore")
+    d = np.load(CAL)
+    one_each = [int(np.flatnonzero(d["race"] == v)[0]) for v in np.unique(d["race"])]
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, **{k: d[k][one_each] for k in d.files})
+    line = _error(["prune", MLP, "--data", tiny, "--eval-data", EVAL, "--groups", "race", "--sparsity", "0.5",
+                   "--method", "magnitude", "--finetune-epochs", "2", "-o", tmp_path / "x.onnx"])
+    assert "leave 5 to train and 0 to validate; pass more rows in --data" in line
