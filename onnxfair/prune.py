@@ -206,7 +206,7 @@ def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     reasons = "; ".join(every[:3]) or "no Conv/Gemm/MatMul channels"
     ignored_only = every and all("matches ignore pattern" in r for r in every if "graph output" not in r)
     return UsageError(f"nothing prunable in this graph ({reasons}); "
-                      + ("narrow --ignore" if ignored_only else "try --unstructured"))
+                      + ("narrow --ignore or try --unstructured" if ignored_only else "try --unstructured"))
 
 
 def _shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
