@@ -428,6 +428,9 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                 from onnxfair.graph import to_sparse_storage
 
                 pruned = to_sparse_storage(pruned)
+                if not pruned.graph.sparse_initializer:
+                    progress("note: --sparse-storage stored no weight sparse: below about 2/3 zeros (4-byte values) "
+                             "a weight's values plus int64 indices take more room than the dense tensor")
             structure["note"] = (
                 "unstructured zeros reduce file size only when stored sparse or compressed; "
                 "onnxruntime gains no latency from zeros"

@@ -99,6 +99,11 @@ def test_prune_reads_a_sparse_stored_model(tmp_path):
     first, second = tmp_path / "s.onnx", tmp_path / "t.onnx"
     r = CliRunner().invoke(app, [str(a) for a in ["prune", mlp, *args, "--sparsity", "0.8", "--sparse-storage", "-o", first]])
     assert r.exit_code == 0 and onnx.load(first).graph.sparse_initializer, r.output
+    assert "stored no weight sparse" not in r.stderr
+    half = tmp_path / "half.onnx"  # under 2/3 zeros nothing is smaller sparse, and the run says so
+    r = CliRunner().invoke(app, [str(a) for a in ["prune", mlp, *args, "--sparsity", "0.5", "--sparse-storage", "-o", half]])
+    assert r.exit_code == 0 and not onnx.load(half).graph.sparse_initializer
+    assert "note: --sparse-storage stored no weight sparse" in r.stderr
     r = CliRunner().invoke(app, [str(a) for a in ["prune", first, *args, "--sparsity", "0.9", "-o", second]])
     assert r.exit_code == 0, r.output
     w = {i.name: numpy_helper.to_array(i) for i in onnx.load(second).graph.initializer}
