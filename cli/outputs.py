@@ -29,15 +29,14 @@ def _is_onnxfair_markdown(path: Path) -> bool:
 def _external_data_files(model_path: Path) -> list[Path]:
     """The files an ONNX model keeps its weights in (external data), read from the graph without loading them."""
     import onnx
+    from onnx.external_data_helper import _get_all_tensors
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception:  # not a readable model: the command's own loading reports that
         return []
     files = []
-    tensors = list(model.graph.initializer) + [n.attribute[0].t for n in model.graph.node
-                                                if n.op_type == "Constant" and n.attribute and n.attribute[0].HasField("t")]
-    for t in tensors:
+    for t in _get_all_tensors(model):  # initializers and attribute tensors, subgraphs included
         if t.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in t.external_data if e.key == "location"), None)
             if location:

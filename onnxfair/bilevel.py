@@ -346,14 +346,18 @@ def bilevel_prune(
             chosen = {n: m.numpy() for n, m in zip(units, _topk_weight_masks(step_scores, sparsity, scope))}
         return chosen, {n: torch.as_tensor(m, dtype=torch.float32, device=device) for n, m in chosen.items()}
 
-    first, first_masks = hard_masks(scores)
+    _, first_masks = hard_masks(scores)
     masked_names = list(first_masks)
     frozen = statistics_names(model if model is not None else module_model(mod))
     wnames = [n for n, p in params.items() if n not in frozen and n not in fixed_weights and p.is_floating_point()]
-    # the stored (unmasked) values of masked parameters; the module's own hold the masked values each step
-    stored = {n: params[n].detach().clone().requires_grad_(n in wnames) for n in masked_names}
+    # the stored (unmasked) values of masked parameters, float32 at least (float16 sums and steps lose
+    # too much); the module's own hold the masked values each step
+    stored = {n: params[n].detach().to(torch.promote_types(params[n].dtype, torch.float32)).clone()
+              for n in masked_names}
     trained = [stored[n] for n in masked_names if n in wnames] + [params[n] for n in wnames if n not in stored]
     w_opt = adam(trained, weight_lr) if update_weights and trained else None
+    dense_values = {n: p.detach().clone() for n, p in params.items() if n in wnames and n not in stored}
+    initial = {n: t.clone() for n, t in stored.items()}
     saved_flags = {n: p.requires_grad for n, p in params.items()}
 
     def zero_param_grads() -> None:
@@ -382,20 +386,34 @@ def bilevel_prune(
             per_row, _logits, g = batch_losses(mod, train, idx, device, loss, dense_probs, beta, gamma)
             jg, counts = group_means(per_row, g, n_groups)
             j, pen = per_row.mean(), _spread(jg, counts > 0, penalty)
+            if not bool(torch.isfinite(j + alpha * pen)):  # diverged weights cannot be written: keep the dense ones
+                with torch.no_grad():
+                    for n, t in initial.items():
+                        stored[n].copy_(t)
+                    for n, t in dense_values.items():
+                        params[n].copy_(t)
+                say(f"warning: bilevel training diverged at step {step} (non-finite loss); the weights stay the "
+                    "dense model's and the scores are those learned before it")
+                break
             (j + alpha * pen).backward()
             with torch.no_grad():
-                gw = {n: params[n].grad * stored[n] for n in masked_names if params[n].grad is not None}
+                gw = {n: params[n].grad.double() * stored[n].double() for n in masked_names
+                      if params[n].grad is not None}
                 unit_grads = masker.gather(gw) if structured else [gw[n].double() if n in gw else None for n in units]
                 for sc, ug in zip(scores, unit_grads):
                     rms = float(ug.pow(2).mean().sqrt()) if ug is not None else 0.0
                     if rms > 0:
                         sc -= score_lr * ug.cpu() / rms
                 if w_opt is not None:
+                    removed = {}
                     for n in masked_names:
-                        if stored[n].requires_grad:
+                        if n in wnames:
                             gr = params[n].grad
-                            stored[n].grad = None if gr is None else (gr * step_masks[n]).to(gr.dtype)
+                            stored[n].grad = None if gr is None else (gr * step_masks[n]).to(stored[n].dtype)
+                            removed[n] = (step_masks[n] == 0, stored[n][step_masks[n] == 0].clone())
                     w_opt.step()
+                    for n, (where, values) in removed.items():  # Adam's momentum would move removed weights
+                        stored[n][where] = values
             if step % log_every == 0 or step == steps - 1:
                 moved = _moved_fraction(first_masks, step_masks)
                 rec = {"step": step, "loss": float(j.detach()), "penalty": float(pen.detach()), "moved": moved}

@@ -315,11 +315,38 @@ class ValStats:
     correct: np.ndarray
 
 
-def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
-    """Adam with an epsilon the parameters' dtype can hold: the default 1e-8 is 0 in float16, and a weight
-    whose gradient is zero (masked, or dead) then steps by 0/0 = NaN."""
-    low = any(p.dtype in (torch.float16, torch.bfloat16) for p in params)
-    return torch.optim.Adam(params, lr=lr, eps=1e-4 if low else 1e-8)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class MasterWeights:
+    """An optimiser that steps float32 copies of float16/bfloat16 parameters and writes them back.
+
+    In float16 Adam's second moment (0.001·g²) underflows to 0 for |g| below about 8e-3, and its epsilon
+    1e-8 is 0 too: steps come out 50x too large, or 0/0 = NaN for a zero gradient. Other parameters are
+    stepped in place, as by the plain optimiser."""
+
+    def __init__(self, params: list[torch.Tensor], make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]):
+        self.params = list(params)
+        self.masters = [p.detach().float().clone() if p.dtype in _LOW_PRECISION else p for p in self.params]
+        self.opt = make(self.masters)
+
+    def zero_grad(self) -> None:
+        for t in self.params + self.masters:
+            t.grad = None
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    m.grad = None if p.grad is None else p.grad.float()
+            self.opt.step()
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    p.copy_(m)
+
+
+def adam(params: list[torch.Tensor], lr: float) -> MasterWeights:
+    return MasterWeights(params, lambda ps: torch.optim.Adam(ps, lr=lr))
 
 
 def validation_stats(mod, ds: GroupedDataset, n_groups: int, batch_size: int) -> ValStats:
@@ -434,7 +461,7 @@ def finetune(
     if optimizer == "adam":
         opt = adam(params, lr)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+        opt = MasterWeights(params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9))
 
     # constraint references
     train_counts = np.bincount(train.group_ids, minlength=n_groups)
@@ -526,7 +553,7 @@ def finetune(
                         objective = j + (lam_t * gap.abs()).sum()
                     else:
                         objective = j + (lam_t * gap).sum()
-                opt.zero_grad(set_to_none=False)
+                opt.zero_grad()
                 objective.backward()
                 with torch.no_grad():
                     for n, m in mask_t.items():

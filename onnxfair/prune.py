@@ -204,7 +204,8 @@ def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     # a space frozen for several reasons gives them joined by "; ": each reason is named once
     every = sorted({r for f in an.frozen for r in f["reason"].split("; ")})
     reasons = "; ".join(every[:3]) or "no Conv/Gemm/MatMul channels"
-    ignored_only = every and all("matches ignore pattern" in r for r in every if "graph output" not in r)
+    structural = [r for r in every if "graph output" not in r]
+    ignored_only = bool(structural) and all("matches ignore pattern" in r for r in structural)
     return UsageError(f"nothing prunable in this graph ({reasons}); "
                       + ("narrow --ignore or try --unstructured" if ignored_only else "try --unstructured"))
 
@@ -409,7 +410,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             pruned = mask_weights(dense_for_rewrite, masks)
             # counted in the written weights, so a model that already had zeros is described as it is
             written = _zeros_by_initializer(pruned, masks)
-            before = _zeros_by_initializer(model, masks)
+            before = _zeros_by_initializer(dense, masks)  # densified: a --sparse-storage input's zeros count
             total = sum(int(m.size) for m in masks.values())
             zeros = sum(written.values())
             structure["weights"] = {"prunable": total, "zeroed": zeros, "sparsity": zeros / max(total, 1),

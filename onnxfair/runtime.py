@@ -39,7 +39,7 @@ def collecting_warnings(into: list[str]) -> Iterator[list[str]]:
     try:
         yield into
     finally:
-        _COLLECTORS.remove(into)
+        del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is into)]
 
 
 def warn_once(message: str) -> None:

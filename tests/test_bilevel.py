@@ -406,3 +406,32 @@ def test_a_float16_model_trains_without_a_dtype_clash(three_layer, structured):
     units = an16.groups if structured else ["W1", "W2", "W3"]
     bilevel_prune(mod, units, ds16, None, sparsity=0.5, model=half, **SHORT)
     assert all(torch.isfinite(p).all() for p in mod.params.values())
+
+
+def test_a_removed_weight_keeps_its_value_while_removed(three_layer, monkeypatch):
+    """Adam's momentum moved weights after they left the mask (the gradient there is zero, the moments are not)."""
+    import onnxfair.bilevel as bilevel_module
+
+    an, ds = three_layer
+    state: dict = {"moved": []}
+    real_adam, real_topk = bilevel_module.adam, bilevel_module._topk_weight_masks
+
+    def spy_adam(params, lr):
+        state["stored"] = params[:3]  # W1, W2, W3's stored values, in the units' order
+        return real_adam(params, lr)
+
+    def spy_topk(scores, sparsity, scope):  # called at the start of every step but the first
+        if state.get("before"):
+            for t, before, m in zip(state["stored"], state["before"], state["mask"]):
+                state["moved"].append(int(((t != before) & (m == 0)).sum()))
+        out = real_topk(scores, sparsity, scope)
+        state["before"] = [t.detach().clone() for t in state.get("stored", [])]
+        state["mask"] = out
+        return out
+
+    monkeypatch.setattr(bilevel_module, "adam", spy_adam)
+    monkeypatch.setattr(bilevel_module, "_topk_weight_masks", spy_topk)
+    res = bilevel_prune(module(an.model), ["W1", "W2", "W3"], ds, None, sparsity=0.6, steps=40, batch_size=64,
+                        seed=0, score_lr=0.2, model=an.model)
+    assert res.history[-1]["moved"] > 0.01  # masks did change, so weights did leave them
+    assert len(state["moved"]) > 30 * 3 and sum(state["moved"]) == 0

@@ -754,3 +754,14 @@ def test_pw_settings_ignore_patterns_and_too_few_rows_are_refused_before_any_wor
     line = _error(["prune", MLP, "--data", tiny, "--eval-data", EVAL, "--groups", "race", "--sparsity", "0.5",
                    "--method", "magnitude", "--finetune-epochs", "2", "-o", tmp_path / "x.onnx"])
     assert "leave 5 to train and 0 to validate; pass more rows in --data" in line
+
+
+def test_a_graph_with_nothing_to_prune_and_no_ignore_suggests_unstructured(tmp_path):
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    one = tmp_path / "one.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), one)
+    assert _error(["prune", one, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"]).endswith(
+        "(reaches graph output y); try --unstructured")

@@ -534,3 +534,20 @@ def test_float16_weights_train_without_nan(learnable):
     assert all(np.isfinite(r.train_loss) for r in res.history[1:])
     w1 = mod.params["W1"].detach().numpy()
     assert np.isfinite(w1).all() and np.all(w1[masks["W1"] == 0] == 0)
+
+
+def test_float16_parameters_step_like_float32_ones():
+    """In float16 Adam's second moment underflows for small gradients: the steps came out up to 50x too large."""
+    from onnxfair.finetune import adam
+
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        p = torch.full((3,), 0.05, dtype=dtype, requires_grad=True)
+        opt = adam([p], 1e-3)
+        for _ in range(3):
+            opt.zero_grad()
+            p.grad = torch.tensor([5e-3, 1e-3, 0.0], dtype=dtype)
+            opt.step()
+        results.append(p.detach().double())
+    assert p.dtype == torch.float16
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)  # float16's own rounding at 0.05

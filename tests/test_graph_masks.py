@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -10,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from onnxfair.errors import UsageError
 from onnxfair.graph import analyze, channel_masks, mask_weights, model_cost, round_keep, to_dense_storage, to_sparse_storage
-from onnxfair.model import FLOAT_TYPES
+from onnxfair.model import FLOAT_TYPES, initializer_arrays
 from tests.test_graph_support import GraphBuilder, ort_run, random_feeds
 
 
@@ -104,8 +106,12 @@ def test_prune_reads_a_sparse_stored_model(tmp_path):
     r = CliRunner().invoke(app, [str(a) for a in ["prune", mlp, *args, "--sparsity", "0.5", "--sparse-storage", "-o", half]])
     assert r.exit_code == 0 and not onnx.load(half).graph.sparse_initializer
     assert "note: --sparse-storage stored no weight sparse" in r.stderr
-    r = CliRunner().invoke(app, [str(a) for a in ["prune", first, *args, "--sparsity", "0.9", "-o", second]])
+    r = CliRunner().invoke(app, [str(a) for a in ["prune", first, *args, "--sparsity", "0.9", "-o", second,
+                                                  "--json", "-"]])
     assert r.exit_code == 0, r.output
+    zero_before = json.loads(r.stdout)["structure"]["weights"]["zero_before"]  # the sparse-stored zeros count
+    assert zero_before == sum(int((v == 0).sum()) for k, v in initializer_arrays(to_dense_storage(onnx.load(first))).items()
+                              if k in ("fc1.weight", "fc2.weight", "head.weight")) > 0
     w = {i.name: numpy_helper.to_array(i) for i in onnx.load(second).graph.initializer}
     dense = to_dense_storage(onnx.load(first))
     before = {i.name: numpy_helper.to_array(i) for i in dense.graph.initializer}

@@ -231,6 +231,8 @@ case("ConvT-1d")(lambda rng: _convt(rng, (2, 3, 6), (3, 2, 3), strides=[3], pads
 case("ConvT-big-output-padding")(lambda rng: _convt(rng, (1, 2, 3, 3), (2, 2, 2, 2), strides=[3, 3], output_padding=[2, 2]))
 case("ConvT-output-shape-beyond-full")(lambda rng: _convt(rng, (1, 2, 5, 5), (2, 3, 3, 3), strides=[2, 2], output_shape=[12, 12]))
 case("ConvT-output-shape-beyond-full-nobias")(lambda rng: _convt(rng, (1, 2, 5, 5), (2, 3, 3, 3), bias=False, strides=[2, 2], output_shape=[12, 11]))
+for _ap in ["SAME_UPPER", "SAME_LOWER"]:  # a kernel shorter than the stride: the full output, not size * stride
+    case(f"ConvT-{_ap}-kernel-below-stride")(lambda rng, ap=_ap: _convt(rng, (1, 2, 5), (2, 3, 1), strides=[3], auto_pad=ap))
 
 # -------------------------------------------------------------------------------------- pooling
 
@@ -252,6 +254,7 @@ for _ap in ["SAME_UPPER", "SAME_LOWER", "VALID"]:
     case(f"MaxPool-auto-{_ap}")(lambda rng, ap=_ap: _pool(rng, "MaxPool", (1, 2, 7, 8), kernel_shape=[3, 2], strides=[2, 2], auto_pad=ap))
 case("MaxPool-1d")(lambda rng: _pool(rng, "MaxPool", (2, 3, 11), kernel_shape=[3], strides=[2], pads=[1, 1]))
 case("MaxPool-indices")(lambda rng: _pool(rng, "MaxPool", (2, 3, 6, 6), n_out=2, kernel_shape=[2, 2], strides=[2, 2]))
+case("MaxPool-indices-same-symmetric")(lambda rng: _pool(rng, "MaxPool", (2, 3, 5, 5), n_out=2, kernel_shape=[3, 3], auto_pad="SAME_UPPER"))
 case("MaxPool-opset11")(lambda rng: _pool(rng, "MaxPool", (2, 3, 8, 8), opset=11, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
 for _inc in [0, 1]:
     for _ceil in [0, 1]:
@@ -565,7 +568,7 @@ def test_opsets_before_7_are_refused():
     (N("Pad", ["x", "p"], mode="mirror"), "Pad(mode=mirror)"),
     (N("Cast", ["x"], to=TP.STRING), "Cast(to=STRING)"),
     (N("MaxPool", ["x"], kernel_shape=[3], dilations=[2], auto_pad="SAME_UPPER"), "MaxPool(auto_pad=SAME_UPPER with dilations)"),
-    (N("MaxPool", ["x"], ["y", "i"], kernel_shape=[3], pads=[0, 1]), "MaxPool(indices with SAME, asymmetric or large pads)"),
+    (N("MaxPool", ["x"], ["y", "i"], kernel_shape=[3], pads=[0, 1]), "MaxPool(indices with asymmetric or large pads)"),
     (N("If", ["cond"], then_branch=helper.make_graph([], "t", [], []), else_branch=helper.make_graph([], "e", [], [])), "If"),
 ])
 def test_refused_attribute_variants(node, key):

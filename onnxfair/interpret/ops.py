@@ -496,14 +496,14 @@ def conv_transpose(spec: NodeSpec) -> Kernel:
                     b.append(pads[i])
                     e.append(pads[n + i])
                     continue
-                if target - full >= strides[i]:
+                if out_shape_attr and target - full >= strides[i]:
                     raise ModelError(f"ConvTranspose node {spec.name!r}: output_shape {target} does not fit an "
                                      f"input of {size} (at most {full + strides[i] - 1}); fix the model's output_shape")
-                if target > full:  # onnxruntime grows the output at the end; those positions hold the bias
+                if out_shape_attr and target > full:  # onnxruntime grows the output at the end: bias only there
                     b.append(0)
                     e.append(full - target)
                     continue
-                total = full - target
+                total = max(0, full - target)  # SAME with a kernel shorter than the stride: the full output
                 # ONNX (and onnxruntime 1.31): SAME_UPPER puts the odd element at the end, otherwise the head
                 head = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
                 b.append(head)
@@ -610,8 +610,8 @@ def max_pool(spec: NodeSpec) -> Kernel:
     def native_ok(b: list[int], e: list[int]) -> bool:
         return b == e and all(2 * p <= kk for p, kk in zip(b, g.k))  # torch's limit uses the raw kernel
 
-    if want_idx and (g.dynamic or not native_ok(g.pb, g.pe)):
-        raise spec.refuse("indices with SAME, asymmetric or large pads")
+    if want_idx and not g.dynamic and not native_ok(g.pb, g.pe):  # SAME pads are known only when run
+        raise spec.refuse("indices with asymmetric or large pads")
 
     def k(x: Tensor) -> Any:
         b, e, ceil = g.pads(x)
@@ -622,6 +622,8 @@ def max_pool(spec: NodeSpec) -> Kernel:
             plane = math.prod(x.shape[2:])
             nc = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *([1] * n))
             return y, idx + nc * plane
+        if want_idx:
+            raise spec.refuse("indices with asymmetric or large pads")
         outs, extra = [], []
         for i in range(n):
             L = x.shape[2 + i]
