@@ -435,3 +435,23 @@ def test_a_removed_weight_keeps_its_value_while_removed(three_layer, monkeypatch
                         seed=0, score_lr=0.2, model=an.model)
     assert res.history[-1]["moved"] > 0.01  # masks did change, so weights did leave them
     assert len(state["moved"]) > 30 * 3 and sum(state["moved"]) == 0
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_dense_weights(three_layer, monkeypatch):
+    import onnxfair.bilevel as bilevel_module
+
+    an, ds = three_layer
+    real, calls = bilevel_module.batch_losses, []
+
+    def nan_on_the_fourth(*a, **k):
+        per_row, logits, g = real(*a, **k)
+        calls.append(1)
+        return (per_row * float("nan") if len(calls) == 4 else per_row), logits, g
+
+    monkeypatch.setattr(bilevel_module, "batch_losses", nan_on_the_fourth)
+    mod, lines = module(an.model), []
+    dense = {n: p.detach().clone() for n, p in mod.params.items()}
+    bilevel_prune(mod, ["W1", "W2", "W3"], ds, None, sparsity=0.5, model=an.model, progress=lines.append, **SHORT)
+    assert len(calls) == 4 and any(line.startswith("warning: bilevel training diverged at step 3") for line in lines)
+    for n, p in mod.params.items():  # the module holds the dense weights (the hard masks apply on top)
+        assert torch.equal(p.detach(), dense[n]), n
