@@ -48,8 +48,11 @@ Binarisation (onnxfair.select, the selection every method uses)
     top-k: exact selection 200 times over 10^5-10^7 weights would dominate the run).
     The global ranking uses s as learned (``normalise=False``): the prior is already divided by each
     layer's mean, as magnitude's global ranking is, and scores are logs, so a second division means nothing.
-    ``target_macs`` (structured only): the steps use select_channels' linear MAC estimate; the final
-    selection meets the target on the real cost when ``macs_fn`` is given.
+    ``target_macs`` (structured only): the final selection meets the target on the real cost when ``macs_fn``
+    is given; the steps keep the channel count that selection gives under the prior (a real cost per step
+    would cost a rewrite each), so training runs at the written size.
+    The last step does not move the scores, so the written mask is the one the weights trained under last
+    (up to select.py's tie rules); with one step it is magnitude's.
     Afterwards the hard masks are set on the module (consumer-side for channels, the same masks as the graph
     layer's channel_masks), and ``finetune_epochs > 0`` runs a short fine-tune with them
     (:func:`onnxfair.finetune.finetune`). The module's weights are left as trained; write them back with
@@ -198,15 +201,17 @@ def macs_keep_fraction(groups: Sequence[ChannelGroup], target_macs: float, dense
 
 
 def magnitude_prior(magnitude: Scores, units: Sequence[ChannelGroup] | Sequence[str]) -> list[torch.Tensor]:
-    """Initial scores: log of the magnitude score over its layer's mean (live units), so that the hard mask of
-    the first step is magnitude's at the same budget and scope. Removed units (score 0) start far below."""
-    out = []
+    """Initial scores: log of the magnitude score over its layer's mean (over every unit, zeros included, as
+    select.py normalises), so that the first step's hard mask is magnitude's at the same budget and scope.
+    Units scoring 0 start 50 below the smallest other score: after every real unit, never tied with one."""
+    ratios = []
     for u in units:
         sc = np.asarray(magnitude.channels[u.id] if isinstance(u, ChannelGroup) else magnitude.weights[u], np.float64)
-        live = sc[sc > 0]
-        mean = float(live.mean()) if live.size else 1.0
-        out.append(torch.from_numpy(np.log(np.maximum(sc / mean, 1e-12))))
-    return out
+        mean = float(sc.mean()) if sc.size else 0.0
+        ratios.append(sc / mean if mean > 0 else sc)
+    positive = [r[r > 0].min() for r in ratios if (r > 0).any()]
+    floor = float(np.log(min(positive))) - 50.0 if positive else 0.0
+    return [torch.from_numpy(np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), floor)) for r in ratios]
 
 
 def _topk_weight_masks(scores: Sequence[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
@@ -224,11 +229,11 @@ def _topk_weight_masks(scores: Sequence[torch.Tensor], sparsity: float, scope: s
             out.append(m.reshape(s.shape))
         return out
     flat = torch.cat([s.reshape(-1) for s in scores])
+    keep = torch.zeros(flat.numel(), dtype=torch.float32)
     k = keep_count(flat.numel())
-    if k <= 0:
-        return [torch.zeros(s.shape) for s in scores]
-    cut = torch.topk(flat, k, sorted=False).values.min()
-    return [(s >= cut).to(torch.float32) for s in scores]
+    if k > 0:  # exactly k, ties included: a threshold would keep every unit tied at the cut
+        keep[torch.topk(flat, k, sorted=False).indices] = 1.0
+    return [m.reshape(s.shape) for m, s in zip(torch.split(keep, [s.numel() for s in scores]), scores)]
 
 
 def bilevel_prune(
@@ -328,12 +333,25 @@ def bilevel_prune(
     masker = _ChannelMasker(mod, units) if structured else None
     params = mod.params
 
+    def learned(step_scores: list[torch.Tensor]) -> Scores:
+        return learned_scores(units, {(u.id if structured else u): sc.numpy() for u, sc in zip(units, step_scores)})
+
+    step_budget = budget
+    if target_macs is not None and macs_fn is not None:
+        # the steps select by channel count: the real cost of every step's mask would cost a rewrite each. The
+        # count is the one the real target keeps under the prior, so training runs at the written size
+        real = select_channels(learned(scores), units, scope=scope, round_to=round_to, normalise=False,
+                               macs_fn=macs_fn, dense_macs=dense_macs, target_macs=target_macs)
+        kept, total = sum(len(v) for v in real.values()), sum(g.size for g in units)
+        if 0 < kept < total:
+            step_budget = {"sparsity": 1.0 - kept / total}
+
     def hard_masks(step_scores: list[torch.Tensor], final: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
         """The selection of these scores ({group id: kept} or {name: 0/1 array}) and its parameter masks."""
-        learned = learned_scores(units, {(u.id if structured else u): sc.numpy() for u, sc in zip(units, step_scores)})
         if structured:
-            keep = select_channels(learned, units, scope=scope, round_to=round_to, normalise=False,
-                                   macs_fn=macs_fn if final else None, dense_macs=dense_macs, **budget)
+            keep = select_channels(learned(step_scores), units, scope=scope, round_to=round_to, normalise=False,
+                                   macs_fn=macs_fn if final else None, dense_macs=dense_macs,
+                                   **(budget if final else step_budget))
             per_group = []
             for g in units:
                 v = torch.zeros(g.size, device=device)
@@ -341,7 +359,7 @@ def bilevel_prune(
                 per_group.append(v)
             return keep, {n: m.contiguous() for n, m in masker.masks(per_group).items()}
         if final:
-            chosen = select_weights(learned, sparsity, scope=scope, normalise=False)
+            chosen = select_weights(learned(step_scores), sparsity, scope=scope, normalise=False)
         else:
             chosen = {n: m.numpy() for n, m in zip(units, _topk_weight_masks(step_scores, sparsity, scope))}
         return chosen, {n: torch.as_tensor(m, dtype=torch.float32, device=device) for n, m in chosen.items()}
@@ -402,7 +420,7 @@ def bilevel_prune(
                 unit_grads = masker.gather(gw) if structured else [gw[n].double() if n in gw else None for n in units]
                 for sc, ug in zip(scores, unit_grads):
                     rms = float(ug.pow(2).mean().sqrt()) if ug is not None else 0.0
-                    if rms > 0:
+                    if rms > 0 and step < steps - 1:  # the last step's mask is the one written
                         sc -= score_lr * ug.cpu() / rms
                 if w_opt is not None:
                     removed = {}

@@ -332,7 +332,8 @@ def test_channel_score_gradient_is_the_straight_through_gradient_of_the_mask():
 @pytest.mark.parametrize("structured", [True, False])
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_the_scores_start_at_magnitudes_selection(three_layer, structured, scope):
-    """With the scores held still (score_lr 0) the selection is the magnitude method's at the same budget."""
+    """With one step (its scores do not move: the last step's mask is the one written) the selection is the
+    magnitude method's at the same budget and scope."""
     from onnxfair.importance import compute_scores
 
     an, ds = three_layer
@@ -340,7 +341,7 @@ def test_the_scores_start_at_magnitudes_selection(three_layer, structured, scope
     units = an.groups if structured else ["W1", "W2", "W3"]
     mag = compute_scores("magnitude", mod, groups=an.groups if structured else None,
                          weights=None if structured else units)
-    res = bilevel_prune(mod, units, ds, None, sparsity=0.6, scope=scope, score_lr=0.0, model=an.model, **SHORT)
+    res = bilevel_prune(mod, units, ds, None, sparsity=0.6, scope=scope, model=an.model, **{**SHORT, "steps": 1})
     if structured:
         expected = select_channels(mag, an.groups, sparsity=0.6, scope=scope)
         for gid in expected:
@@ -455,3 +456,67 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_dense_weights(three_laye
     assert len(calls) == 4 and any(line.startswith("warning: bilevel training diverged at step 3") for line in lines)
     for n, p in mod.params.items():  # the module holds the dense weights (the hard masks apply on top)
         assert torch.equal(p.detach(), dense[n]), n
+
+
+def test_zero_weights_and_dead_channels_keep_magnitudes_first_mask_in_global_scope():
+    """The prior divided by the mean of the positive scores (select.py divides by the mean of all of them), so
+    with zeros in a layer the global ranking was not magnitude's; tiny weights also tied with exact zeros."""
+    from onnxfair.importance import compute_scores
+
+    model = mlp3(4, h1=16, h2=12)
+    w1 = next(i for i in model.graph.initializer if i.name == "W1")
+    arr = numpy_helper.to_array(w1).copy()
+    arr[:6] = 0.0  # six dead channels
+    arr[6:, :2] = 0.0
+    arr[7, 2] = 1e-30
+    w1.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    an = analyze(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 4))
+    ds = dataset(x, (x[:, 0] + x[:, 1] > 0), (rng.random(128) < 0.3).astype(np.int64))
+    for structured in (True, False):
+        mod = module(an.model)
+        units = an.groups if structured else ["W1", "W2", "W3"]
+        mag = compute_scores("magnitude", mod, groups=an.groups if structured else None,
+                             weights=None if structured else units)
+        res = bilevel_prune(mod, units, ds, None, sparsity=0.5, scope="global", steps=1, model=an.model,
+                            batch_size=64)
+        if structured:
+            expected = select_channels(mag, an.groups, sparsity=0.5, scope="global")
+            assert {k: v.tolist() for k, v in res.keep.items()} == {k: v.tolist() for k, v in expected.items()}
+        else:
+            expected = select_weights(mag, 0.5, scope="global")
+            for n in units:
+                np.testing.assert_array_equal(res.masks[n], expected[n])
+
+
+def test_step_weight_masks_keep_exactly_the_budget_when_scores_tie():
+    from onnxfair.bilevel import _topk_weight_masks
+
+    scores = [torch.zeros(10, dtype=torch.float64), torch.ones(6, dtype=torch.float64)]
+    for scope, kept in (("global", 16 - round(0.3 * 16)), ("layer", (10 - 3) + (6 - round(0.3 * 6)))):
+        masks = _topk_weight_masks(scores, 0.3, scope)
+        assert int(sum(m.sum() for m in masks)) == kept
+    assert _topk_weight_masks(scores, 0.3, "global")[1].sum() == 6  # the higher scores first
+
+
+def test_target_macs_steps_train_at_the_written_channel_count(three_layer, monkeypatch):
+    import onnxfair.bilevel as bilevel_module
+
+    an, ds = three_layer
+    counts: dict = {"steps": [], "final": []}
+    real = bilevel_module.select_channels
+
+    def spy(*a, **k):
+        keep = real(*a, **k)
+        if "sparsity" in k:
+            counts["steps"].append(sum(len(v) for v in keep.values()))
+        elif k.get("macs_fn") is not None:
+            counts["final"].append(sum(len(v) for v in keep.values()))
+        return keep
+
+    monkeypatch.setattr(bilevel_module, "select_channels", spy)
+    bilevel_prune(module(an.model), an.groups, ds, None, target_macs=0.3, scope="layer", macs_fn=rewrite_macs(an),
+                  dense_macs=float(an.cost.macs), model=an.model, **SHORT)
+    assert len(counts["steps"]) == SHORT["steps"] and len(counts["final"]) == 2  # under the prior, then the end
+    assert set(counts["steps"]) == {counts["final"][0]}
