@@ -37,7 +37,9 @@ Bi-level approximation (first order)
       lower  w ← Adam(w, ∇_w L ⊙ m): the kept weights train for this mask (removed ones keep their values);
       upper  s ← s − score_lr · (g · w) / rms, per layer.
     The implicit term ∂w*(s)/∂s of the exact bi-level gradient is dropped (the usual first-order
-    approximation). ``update_weights=False`` skips the lower step (mask learning only).
+    approximation). ``update_weights=False`` skips the lower step (mask learning only). Float16 weights
+    train on float32 copies (:class:`onnxfair.finetune.MasterWeights`); a non-finite loss stops training,
+    with the dense weights kept and a warning.
 
 Binarisation (onnxfair.select, the selection every method uses)
     The final scores become a :class:`onnxfair.importance.Scores` (criterion "bilevel", every unit alive)
