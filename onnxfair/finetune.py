@@ -346,6 +346,7 @@ class MasterWeights:
 
 
 def adam(params: list[torch.Tensor], lr: float) -> MasterWeights:
+    """Adam for fine-tuning and bilevel's lower level, through float32 copies where parameters are float16."""
     return MasterWeights(params, lambda ps: torch.optim.Adam(ps, lr=lr))
 
 
