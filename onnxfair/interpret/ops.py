@@ -1408,12 +1408,8 @@ def resize(spec: NodeSpec) -> Kernel:
             return steps
         for j, a in enumerate(axes):
             L = shape[a]
-            if sizes is not None:
-                out = sizes[j]
-                s = np.float32(out) / np.float32(L)
-            else:
-                s = np.float32(scales[j])
-                out = int(np.floor(np.float32(L) * s))
+            out = _resized_len(L, j, scales, sizes)
+            s = np.float32(out) / np.float32(L) if sizes is not None else np.float32(scales[j])
             if out == L and s == 1.0:
                 continue
             xo = _original_coords(coord, out, L, s)
