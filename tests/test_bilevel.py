@@ -23,7 +23,7 @@ from onnxfair.graph import analyze, channel_masks, model_cost, prune_channels, r
 from onnxfair.graph.groups import ChannelGroup, Member
 from onnxfair.importance import Scores
 from onnxfair.select import rewrite_macs, select_channels, select_weights
-from tests.test_finetune import dataset, mlp_model, module
+from tests.test_finetune import as_float16, dataset, mlp_model, module
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -394,14 +394,7 @@ def test_prune_run_with_target_macs():
 def test_a_float16_model_trains_without_a_dtype_clash(three_layer, structured):
     """The step masks are float32: a float16 model's gradients were multiplied up to float32 and refused."""
     an, ds = three_layer
-    half = onnx.ModelProto()
-    half.CopyFrom(an.model)
-    for init in half.graph.initializer:
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for vi in list(half.graph.input) + list(half.graph.output):
-        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del half.graph.value_info[:]
-    ds16 = dataclasses.replace(ds, inputs={"x": ds.inputs["x"].astype(np.float16)})
+    half, ds16 = as_float16(an.model, ds)
     an16 = analyze(half)
     mod = module(half)
     units = an16.groups if structured else ["W1", "W2", "W3"]

@@ -107,6 +107,18 @@ def group_losses(mod, ds: GroupedDataset) -> np.ndarray:
     return np.array([ce[ds.group_ids == k].mean() for k in range(len(ds.group_labels))])
 
 
+def as_float16(model: onnx.ModelProto, ds: GroupedDataset) -> tuple[onnx.ModelProto, GroupedDataset]:
+    """The model with float16 weights, input and output, and the data's `x` in float16."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for vi in list(half.graph.input) + list(half.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del half.graph.value_info[:]
+    return half, GroupedDataset({"x": ds.inputs["x"].astype(np.float16)}, ds.y, ds.group_ids, ds.group_labels)
+
+
 def magnitude_mask(w: np.ndarray, keep: float) -> np.ndarray:
     flat = np.abs(w).reshape(-1)
     k = int(round(keep * flat.size))
@@ -517,19 +529,9 @@ def test_a_diverging_run_never_keeps_a_nan_epoch(learnable):
 def test_float16_weights_train_without_nan(learnable):
     """Adam's default epsilon (1e-8) is 0 in float16: a masked weight's zero gradient stepped by 0/0."""
     model, train, val, masks = learnable
-    half = onnx.ModelProto()
-    half.CopyFrom(model)
-    for init in half.graph.initializer:
-        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
-    for vi in list(half.graph.input) + list(half.graph.output):
-        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del half.graph.value_info[:]
-
-    def as16(ds):
-        return GroupedDataset({"x": ds.inputs["x"].astype(np.float16)}, ds.y, ds.group_ids, ds.group_labels)
-
+    half, train16 = as_float16(model, train)
     mod = module(half)
-    res = finetune(mod, as16(train), as16(val), masks=masks, epochs=2, loss="ce", lr=1e-2, batch_size=64, seed=0,
+    res = finetune(mod, train16, as_float16(model, val)[1], masks=masks, epochs=2, loss="ce", lr=1e-2, batch_size=64, seed=0,
                    patience=None)
     assert all(np.isfinite(r.train_loss) for r in res.history[1:])
     w1 = mod.params["W1"].detach().numpy()
