@@ -241,18 +241,19 @@ def load_dataset(
     if suffix == ".npz":
         inputs, y, cols = _load_npz(p, specs, attributes, label or "y")
     elif suffix in (".csv", ".parquet", ".pq"):
-        table = _read_table(p, attributes)
+        table, group_text = _read_table(p, attributes)
         if len(table) == 0:
             raise DataError(f"{p.name} has a header but no rows; give a file with at least one labelled row")
         path_col = (image or ImageOptions()).path_column
         if path_col in table and features is None:  # --features names a plain table, whatever its columns
-            inputs, y, cols = _load_manifest(p, table, specs, attributes, label or "label", image or ImageOptions())
+            inputs, y = _load_manifest(p, table, specs, attributes, label or "label", image or ImageOptions())
         elif image_given:
             why = "--features makes it a table" if path_col in table else f"it has no {path_col!r} column"
             raise UsageError(f"--image-size, --mean, --std and --layout apply to image manifests, and {p.name} is read as a "
                              f"table ({why}); drop them")
         else:
-            inputs, y, cols = _load_table(p, table, specs, attributes, label or "label", features)
+            inputs, y = _load_table(p, table, specs, attributes, label or "label", features)
+        cols = {a: group_text[a] if a in group_text else table[a].to_numpy() for a in attributes}
     else:
         raise DataError(f"unsupported data format {suffix or '(no suffix)'}; use .npz, .csv, .parquet or an image manifest .csv")
     n = len(y)
@@ -301,18 +302,24 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
     return inputs, _labels(arrays[label], label), {a: arrays[a] for a in attributes}
 
 
-def _read_table(p: Path, group_columns: Sequence[str] = ()):
-    """A csv's group columns are read as text: `01` and `1`, or `1.0` and `1`, are different groups (codes),
-    never merged by parsing them as numbers."""
+def _read_table(p: Path, group_columns: Sequence[str] = ()) -> tuple:
+    """The table, and a csv's group columns read again as text: `01` and `1`, or `1.0` and `1`, are different
+    groups (codes), never merged by parsing them as numbers, while the same column named as the label or a
+    feature keeps its parsed numbers."""
     try:
         import pandas as pd
     except ImportError:
         raise DataError("reading csv/parquet needs pandas; pip install pandas (and pyarrow for parquet)") from None
     try:
         if p.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(p)
+            return pd.read_parquet(p), {}
         # only an empty cell is missing: "NA" or "None" can be real group values (pandas' default reads them as NaN)
-        return pd.read_csv(p, keep_default_na=False, na_values=[""], dtype={a: str for a in group_columns})
+        table = pd.read_csv(p, keep_default_na=False, na_values=[""])
+        present = [a for a in group_columns if a in table.columns]
+        if not present:
+            return table, {}
+        text = pd.read_csv(p, keep_default_na=False, na_values=[""], dtype=str, usecols=present)
+        return table, {a: text[a].to_numpy() for a in present}
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install 'onnxfair[parquet]'") from None
     except Exception as exc:
@@ -362,7 +369,7 @@ def _load_table(p: Path, table, specs, attributes, label, features):
     if spec.dtype.kind in "iu":
         x = _as_integers(table, list(features), x, spec, p)
     x = _conform(spec.name, x, spec)
-    return {spec.name: x}, _labels(table[label].to_numpy(), label), {a: table[a].to_numpy() for a in attributes}
+    return {spec.name: x}, _labels(table[label].to_numpy(), label)
 
 
 def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: Path) -> np.ndarray:
@@ -473,4 +480,4 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     if opts.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     x = _conform(spec.name, x, spec)
-    return {spec.name: x}, _labels(table[label].to_numpy(), label), {a: table[a].to_numpy() for a in attributes}
+    return {spec.name: x}, _labels(table[label].to_numpy(), label)

@@ -238,6 +238,25 @@ def test_csv_group_codes_are_text_not_numbers(tiny_linear, tmp_path):
     np.testing.assert_array_equal(ds.inputs["x"][:4, 3], [1, 1, 1, 2])
 
 
+def test_a_csv_group_column_can_also_be_the_label_or_a_boolean_feature(tiny_linear, tmp_path):
+    """Before: every --groups column of a csv was read as text, so naming the label as a group gave 'label has
+    dtype object', and a True/False column as group and feature gave 'not numeric' (parquet took both)."""
+    df = pd.DataFrame(tiny_linear["x"][:, :3], columns=["a", "b", "c"])
+    df["flag"] = np.arange(len(df)) % 3 == 0
+    df["label"] = tiny_linear["y"]
+    df["race"] = tiny_linear["race"]
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.to_parquet(tmp_path / "t.parquet")
+    for name in ("t.csv", "t.parquet"):
+        ds = load_dataset(tmp_path / name, tiny_linear["model"], "race,label", features=["a", "b", "c", "flag"])
+        np.testing.assert_array_equal(ds.y, tiny_linear["y"])
+        np.testing.assert_array_equal(ds.inputs["x"][:, 3], df["flag"].to_numpy(dtype=np.float32))
+        assert ds.group_labels[0] == "race=A,label=0"
+        flagged = load_dataset(tmp_path / name, tiny_linear["model"], "flag", features=["a", "b", "c", "flag"])
+        assert flagged.group_labels == ["flag=False", "flag=True"]
+        assert np.bincount(flagged.group_ids).tolist() == [int((~df["flag"]).sum()), int(df["flag"].sum())]
+
+
 def test_intersections_that_would_read_the_same_are_refused(tiny_linear, tmp_path):
     """Before: values holding ',' and '=' made two different intersections one group (exit 0)."""
     df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
