@@ -81,11 +81,12 @@ def image_options(kw: dict[str, Any]) -> ImageOptions:
     return ImageOptions(size=size, mean=_floats(kw.get("mean", "0"), "--mean"), std=std, layout=kw.get("layout", "NCHW"))
 
 
-def load_data(path: str, model, kw: dict[str, Any]):
+def load_data(path: str, model, kw: dict[str, Any], input_shapes: dict[str, tuple[int, ...]] | None = None):
     """The dataset for `model` from the parsed data options; --features makes a table with a `path` column a table."""
     image = image_options(kw)
     features = [c.strip() for c in kw["features"].split(",")] if kw.get("features") else None
-    return load_dataset(path, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features, image=image)
+    return load_dataset(path, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features, image=image,
+                        input_shapes=input_shapes)
 
 
 def emit_json(obj: Any, target: str | None) -> None:

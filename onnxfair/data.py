@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import DataError, UsageError
-from onnxfair.model import InputSpec, class_count, input_specs
+from onnxfair.model import InputSpec, class_count, input_dims, input_specs, with_input_dims
 from onnxfair.runtime import warn_once
 
 
@@ -223,13 +223,15 @@ def load_dataset(
     label: str | None = None,
     features: Sequence[str] | None = None,
     image: ImageOptions | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> GroupedDataset:
-    """Load `--data` in the format its suffix names, shaped and typed for `model`."""
+    """Load `--data` in the format its suffix names, shaped and typed for `model` once `input_shapes`
+    (--input-shape) fix its symbolic dims: an image manifest then takes its size from them."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {p}; pass an .npz, .csv, .parquet or image manifest .csv")
     attributes = parse_groups(groups)
-    specs = input_specs(model)
+    specs = input_specs(with_input_dims(model, input_dims(model, input_shapes)) if input_shapes else model)
     suffix = p.suffix.lower()
     image_given = image is not None and image != ImageOptions()
     if suffix == ".npz" and features:
@@ -427,12 +429,14 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
                         f"({p.name} was read as a manifest for its {opts.path_column!r} column: pass --features to read it as a table)")
     c_axis, h_axis, w_axis = (1, 2, 3) if opts.layout == "NCHW" else (3, 1, 2)
     channels = spec.shape[c_axis]
-    size = opts.size
+    h, w = spec.shape[h_axis], spec.shape[w_axis]
+    static = isinstance(h, int) and isinstance(w, int)
+    size = opts.size or ((h, w) if static else None)
     if size is None:
-        h, w = spec.shape[h_axis], spec.shape[w_axis]
-        if not (isinstance(h, int) and isinstance(w, int)):
-            raise UsageError("the model's image size is symbolic; pass --image-size H,W")
-        size = (h, w)
+        raise UsageError(f"the model's image size is symbolic; pass --image-size H,W or --input-shape {spec.name}=...")
+    if static and tuple(size) != (h, w):  # said before any image is read, not after as a shape mismatch
+        raise UsageError(f"--image-size {size[0]},{size[1]} differs from the {h}x{w} (H x W) that the model or "
+                         f"--input-shape fixes for {spec.name!r}; drop --image-size or make the two agree")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels if isinstance(channels, int) else 3)
     if mode is None:
         raise DataError(f"model input {spec.name!r} {list(spec.shape)} has {channels} channels under --layout "

@@ -91,8 +91,9 @@ class DataSpec:
     features: list[str] | None = None
     image: ImageOptions | None = None
 
-    def load(self, model: onnx.ModelProto) -> tuple[GroupedDataset, GroupedDataset | None]:
-        kw = {"label": self.label, "features": self.features, "image": self.image}
+    def load(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+             ) -> tuple[GroupedDataset, GroupedDataset | None]:
+        kw = {"label": self.label, "features": self.features, "image": self.image, "input_shapes": input_shapes}
         calib = load_dataset(self.data, model, self.groups, **kw)
         eval_ds = load_dataset(self.eval_data, model, self.groups, **kw) if self.eval_data else None
         return calib, eval_ds
@@ -322,7 +323,7 @@ def _init_worker(setup: _Worker) -> None:
     if setup.threads:
         os.environ["OMP_NUM_THREADS"] = str(setup.threads)
     model = load_model(setup.plan.model)
-    calib, eval_ds = setup.plan.data.load(model)
+    calib, eval_ds = setup.plan.data.load(model, setup.plan.base.input_shapes)
     _STATE.update(plan=setup.plan, model=model, calib=calib, eval_ds=eval_ds, threads=setup.threads,
                   cache=DenseCache())
 

@@ -616,6 +616,38 @@ def test_input_shape_does_not_pin_the_written_models_image_size(tmp_path):
     np.testing.assert_allclose(ort_run(pruned, big)[0], ort_run(oracle, big)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_symbolic_image_dims_are_taken_from_the_data_when_input_shape_is_not_given(tmp_path):
+    """Before: a model with symbolic H and W was refused ('pass --input-shape') although every row of --data
+    has one size. Now the run takes that size and says so: the same masks, MACs and report as when
+    --input-shape gives it."""
+    from tests.test_graph_support import GraphBuilder, ort_run
+
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv(x, 8, 8)])])], axis=1)
+    m = b.model([("x", ["N", 3, "H", "W"])], [b.op("Gemm", [f, b.rand(3, 8), b.rand(3)], transB=1)])
+    onnx.save(m, tmp_path / "fcn.onnx")
+    xs = np.random.default_rng(0).normal(size=(60, 3, 8, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=xs, y=ort_run(m, {"x": xs})[0].argmax(1), g=np.array(["a", "b"] * 30))
+    reports, weights, said = [], [], []
+    for i, extra in enumerate([[], ["--input-shape", "x=1,3,8,6"]]):
+        out = tmp_path / f"p{i}.onnx"
+        r = run("prune", tmp_path / "fcn.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--method", "taylor",
+                "--sparsity", "0.5", "--round-to", "1", "--no-latency", "-o", out, "--json", "-", *extra)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+        weights.append(initializer_arrays(onnx.load(out)))
+        said.append("input 'x': symbolic dims set from --data's rows: 1,3,8,6" in r.stderr)
+    assert said == [True, False]
+    implicit, explicit = reports
+    assert implicit["method"]["input_shapes"] == explicit["method"]["input_shapes"] == {"x": [1, 3, 8, 6]}
+    assert implicit["cost"] == explicit["cost"] and implicit["cost"]["macs_dense"] == 8 * 6 * (3 * 8 * 9 + 8 * 8 * 9) + 24
+    assert implicit["structure"] == explicit["structure"]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k])
+
+
 def test_a_whole_channel_shortfall_with_round_to_one_gives_advice_that_can_be_taken(tmp_path):
     """One group of 8 channels at 0.7 removes 6 (0.75). The warning told the user to lower --round-to below 1."""
     from tests.test_graph_support import GraphBuilder, ort_run

@@ -79,6 +79,42 @@ def test_image_manifest(tmp_path):
         load_dataset(tmp_path / "empty.csv", model, "tone")
 
 
+def test_a_manifest_takes_its_image_size_from_input_shape_and_a_clash_is_named_before_reading(tmp_path):
+    """Before: with symbolic H and W, --input-shape alone gave 'pass --image-size', and an --image-size against
+    a fixed size was found only after every image was read, as 'reshape the data'."""
+    from PIL import Image
+    from onnx import TensorProto, helper
+
+    from onnxfair.data import ImageOptions
+    from onnxfair.errors import UsageError
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    pd.DataFrame({"path": [f"im{i}.png" for i in range(4)], "label": [0, 1, 2, 0], "tone": list("abab")}).to_csv(
+        tmp_path / "m.csv", index=False)
+
+    def model(h, w):
+        graph = helper.make_graph(
+            [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, h, w])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+    dynamic = model("H", "W")
+    by_shape = load_dataset(tmp_path / "m.csv", dynamic, "tone", input_shapes={"x": (1, 3, 6, 5)})
+    by_size = load_dataset(tmp_path / "m.csv", dynamic, "tone", image=ImageOptions(size=(6, 5)))
+    assert by_shape.inputs["x"].shape == (4, 3, 6, 5)
+    np.testing.assert_array_equal(by_shape.inputs["x"], by_size.inputs["x"])
+    with pytest.raises(UsageError, match=r"symbolic; pass --image-size H,W or --input-shape x="):
+        load_dataset(tmp_path / "m.csv", dynamic, "tone")
+    (tmp_path / "im3.png").unlink()  # the clash must be named before any image is read
+    for m, shapes in ((model(6, 5), None), (dynamic, {"x": (1, 3, 6, 5)})):
+        with pytest.raises(UsageError, match=r"--image-size 8,8 differs from the 6x5 \(H x W\) that the model or "
+                                             r"--input-shape fixes for 'x'; drop --image-size"):
+            load_dataset(tmp_path / "m.csv", m, "tone", image=ImageOptions(size=(8, 8)), input_shapes=shapes)
+
+
 def test_sixteen_bit_grey_images_are_scaled_by_their_depth(tmp_path):
     """Before: Pillow's convert clipped 16-bit grey pixels at 255, so every image read as white (exit 0)."""
     from PIL import Image
