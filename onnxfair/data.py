@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -271,6 +271,24 @@ def load_dataset(
     check_labels(y, class_count(model), label or ("y" if suffix == ".npz" else "label"))
     ids, labels = _encode_groups(cols, attributes)
     return GroupedDataset(inputs, y, ids, labels, list(attributes), str(p))
+
+
+def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None, ds: GroupedDataset,
+                     say: Callable[[str], None] = lambda _m: None) -> dict[str, tuple[int, ...]]:
+    """--input-shape values, completed for a single input whose non-batch dims the model leaves symbolic:
+    they take the size of the data's rows, the size it is scored and judged at, so that channel analysis
+    and MAC counts need no --input-shape there."""
+    shapes = dict(shapes or {})
+    dims = input_dims(model, shapes)
+    if len(dims) != 1:
+        return shapes
+    (name, d), = dims.items()
+    if name in shapes or None not in d[1:] or name not in ds.inputs:
+        return shapes
+    shapes[name] = (d[0] or 1, *ds.inputs[name].shape[1:])
+    say(f"input {name!r}: symbolic dims set from the data's rows: {','.join(map(str, shapes[name]))} "
+        "(--input-shape sets them)")
+    return shapes
 
 
 def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label: str):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from onnxfair import __version__, settings
-from onnxfair.data import GroupedDataset
+from onnxfair.data import GroupedDataset, shapes_from_rows
 from onnxfair.errors import DataError, UsageError
 from onnxfair.head import several_outputs_note
 from onnxfair.runtime import collecting_warnings, warn_once
@@ -283,25 +283,6 @@ def held_out_seed(cfg: PruneConfig) -> int:
     return cfg.seed if cfg.split_seed is None else cfg.split_seed
 
 
-def _shapes_from_data(model: onnx.ModelProto, cfg: PruneConfig, calib: GroupedDataset | None,
-                      progress: Callable[[str], None]) -> PruneConfig:
-    """A single input whose non-batch dims the model leaves symbolic, and --input-shape does not fix, takes
-    the size of --data's rows: the size it is scored, judged and timed at, so its MACs are counted there
-    too, rather than refused for want of --input-shape."""
-    from onnxfair.model import input_dims
-
-    dims = input_dims(model, cfg.input_shapes)
-    if calib is None or len(dims) != 1:
-        return cfg
-    (name, d), = dims.items()
-    if name in cfg.input_shapes or None not in d[1:] or name not in calib.inputs:
-        return cfg
-    shape = (d[0] or 1, *calib.inputs[name].shape[1:])
-    progress(f"input {name!r}: symbolic dims set from --data's rows: {','.join(map(str, shape))} "
-             "(--input-shape sets them)")
-    return dataclasses.replace(cfg, input_shapes={**cfg.input_shapes, name: shape})
-
-
 def _split_eval(calib: GroupedDataset | None, eval_ds: GroupedDataset | None, cfg: PruneConfig):
     """Scoring uses calib; evaluation uses eval_ds or a seeded, group-stratified held-out part of calib."""
     if calib is None or eval_ds is not None:
@@ -340,7 +321,8 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     from onnxfair.graph.cost import uncounted_note
 
     cfg.validate(has_data=calib is not None)
-    cfg = _shapes_from_data(model, cfg, calib, progress)
+    if calib is not None:
+        cfg = dataclasses.replace(cfg, input_shapes=shapes_from_rows(model, cfg.input_shapes, calib, progress))
     timer = _Timer(progress)
     fit, held, eval_source = _split_eval(calib, eval_ds, cfg)
     if (cfg.finetune_epochs or cfg.step_epochs) and fit is not None:  # before the scoring, not after

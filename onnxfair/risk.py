@@ -36,7 +36,7 @@ import onnx
 import torch
 
 from onnxfair import settings
-from onnxfair.data import GroupedDataset
+from onnxfair.data import GroupedDataset, shapes_from_rows
 from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.head import logit_view, scored_output, several_outputs_note
 from onnxfair.interpret.device import torch_device
@@ -438,7 +438,7 @@ def risk_report(
     note = several_outputs_note(model)
     if note:
         warn_once(note)
-    dense, masks = magnitude_masks(model, cfg, input_shapes, progress)
+    dense, masks = magnitude_masks(model, cfg, shapes_from_rows(model, input_shapes, ds, say), progress)
     report = assess_risk(dense, ds, masks, cfg, progress)
     return json_safe({**report, "output": scored_output(model)})
 

@@ -637,7 +637,7 @@ def test_symbolic_image_dims_are_taken_from_the_data_when_input_shape_is_not_giv
         assert r.exit_code == 0, r.output
         reports.append(json.loads(r.stdout))
         weights.append(initializer_arrays(onnx.load(out)))
-        said.append("input 'x': symbolic dims set from --data's rows: 1,3,8,6" in r.stderr)
+        said.append("input 'x': symbolic dims set from the data's rows: 1,3,8,6" in r.stderr)
     assert said == [True, False]
     implicit, explicit = reports
     assert implicit["method"]["input_shapes"] == explicit["method"]["input_shapes"] == {"x": [1, 3, 8, 6]}

@@ -328,3 +328,25 @@ def test_cli_json_and_table(tiny_linear, tmp_path):
     assert json.loads(out.read_text())["groups"] == rep["groups"]  # seeded: the same figures again
     bad = CliRunner().invoke(risk, args[:-6] + ["--sparsity", "1.0"])
     assert bad.exit_code == 2 and "sparsity" in bad.output
+
+
+def test_risk_takes_symbolic_image_dims_from_the_data():
+    """Before: a model with symbolic H and W was refused ('pass --input-shape') although the data fixes the
+    size; now the report equals the one that --input-shape at the data's size gives."""
+    from tests.test_graph_support import GraphBuilder, ort_run
+
+    b = GraphBuilder()
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv(x, 8, 8)])])], axis=1)
+    m = b.model([("x", ["N", 3, "H", "W"])], [b.op("Gemm", [f, b.rand(3, 8), b.rand(3)], transB=1)])
+    xs = np.random.default_rng(0).normal(size=(40, 3, 8, 6)).astype(np.float32)
+    y = ort_run(m, {"x": xs})[0].argmax(1)
+    y[::4] = (y[::4] + 1) % 3
+    ds = GroupedDataset({"x": xs}, y.astype(np.int64), np.arange(40) % 2, ["g=a", "g=b"], ["g"])
+    cfg = RiskConfig(sparsity=0.5, hutchinson_samples=2)
+    said = []
+    implicit = risk_report(m, ds, cfg, progress=said.append)
+    explicit = risk_report(m, ds, cfg, input_shapes={"x": (1, 3, 8, 6)})
+    assert "input 'x': symbolic dims set from the data's rows: 1,3,8,6 (--input-shape sets them)" in said
+    assert json.dumps(implicit, sort_keys=True) == json.dumps(explicit, sort_keys=True)
+    assert implicit["groups"]
