@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import onnx
 
 from onnxfair import __version__
@@ -277,16 +278,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def inputs_fingerprint(plan: SweepPlan) -> dict:
-    """Content hashes of the model and data files plus the data options: a changed input redoes every run.
+def rows_sha256(ds: GroupedDataset) -> str:
+    """Hash of the rows as loaded (inputs, labels, groups): what a file hash misses, such as the images an
+    image manifest names."""
+    h = hashlib.sha256()
+    for name in sorted(ds.inputs):
+        arr = np.ascontiguousarray(ds.inputs[name])
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.data)
+    for arr in (ds.y, ds.group_ids):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).data)
+    h.update("\n".join(ds.group_labels).encode())
+    return h.hexdigest()
 
-    For an image manifest only the manifest file is hashed, not the images it names.
-    """
+
+def inputs_fingerprint(plan: SweepPlan, calib: GroupedDataset, eval_ds: GroupedDataset | None) -> dict:
+    """Content hashes of the model and data files, of the rows loaded from them, and the data options: a
+    changed input, an image a manifest names included, redoes every run."""
     d = plan.data
     return _normalise({
         "model_sha256": file_sha256(plan.model),
         "data_sha256": file_sha256(d.data),
         "eval_data_sha256": file_sha256(d.eval_data) if d.eval_data else None,
+        "rows_sha256": [rows_sha256(calib), rows_sha256(eval_ds) if eval_ds is not None else None],
         "groups": list(d.groups), "label": d.label, "features": d.features,
         "image": dataclasses.asdict(d.image) if d.image else None,
     })
@@ -434,7 +448,7 @@ def run_sweep(
     out = Path(plan.out)
     check_out(plan, runs)
     prepare_out(plan)
-    fingerprint = inputs_fingerprint(plan)
+    fingerprint = inputs_fingerprint(plan, calib, eval_ds)
     keys = {r.run_id: run_key(r.cfg, fingerprint) for r in runs}
 
     reports: dict[str, dict] = {}

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -281,6 +282,31 @@ def test_sweep_writes_rows_from_run_reports_and_resumes(mlp, tmp_path, counting)
     r = run(*sweep_args(mlp, out, "--no-plots", "--round-to", "4", "--no-latency"))
     assert r.exit_code == 0 and len(counting.calls) == 14
     assert all(row["latency_ms"] is None for row in json.loads((out / "results.json").read_text())["rows"])
+
+
+def test_a_resume_redoes_the_runs_when_an_image_of_the_manifest_changes(tmp_path, counting):
+    """Before: only the manifest file was hashed, so a sweep resumed over changed images reused every run,
+    and its rows described images no longer there."""
+    from PIL import Image
+
+    model = mlp_model()  # the MLP read from a 2 x 3 grey image: Flatten in front of its first Gemm
+    model.graph.node[0].input[0] = "flat"
+    model.graph.node.insert(0, helper.make_node("Flatten", ["x"], ["flat"]))
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 2, 3]))
+    onnx.save(model, tmp_path / "img.onnx")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (2, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        rows.append({"path": f"im{i}.png", "label": i % 3, "tone": "dark" if i % 4 == 0 else "light"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    args = ["sweep", tmp_path / "img.onnx", "--data", tmp_path / "m.csv", "--groups", "tone", "--methods", "magnitude",
+            "--sparsities", "0.5", "--jobs", "1", "--no-plots", "--no-latency", "--out", tmp_path / "sw"]
+    assert run(*args).exit_code == 0 and len(counting.calls) == 1
+    assert run(*args).exit_code == 0 and len(counting.calls) == 1  # unchanged: reused
+    Image.fromarray(np.full((2, 3), 7, dtype=np.uint8)).save(tmp_path / "im5.png")
+    r = run(*args)
+    assert r.exit_code == 0 and len(counting.calls) == 2 and "already done" not in r.stderr
 
 
 def test_report_is_self_contained_with_valid_pngs(mlp, tmp_path, counting):
