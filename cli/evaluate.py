@@ -28,7 +28,7 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
     check_outputs({"model": model, "--data": data}, {"--json": json_out})
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
-    ds = load_data(data, m, kw, shapes)
+    ds, = load_data([data], m, kw, shapes)
     progress(f"evaluating {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     block = evaluate_models([m], ds, device=device, batch_size=batch_size, latency=not no_latency,
                             latency_batch=latency_batch, input_shapes=shapes, names=[model])[0]
@@ -54,7 +54,7 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     _same_inputs(a, b)
     _same_classes(*({**(scored_output(m) or {}), "classes": class_count(m)} for m in (a, b)))
     shapes = parse_input_shapes(input_shape)
-    ds = load_data(data, a, kw, shapes)
+    ds, = load_data([data], a, kw, shapes)
     progress(f"comparing {model_a} and {model_b} on {len(ds)} rows")
     ea, eb = evaluate_models([a, b], ds, device=device, batch_size=batch_size, latency=not no_latency,
                              latency_batch=latency_batch, input_shapes=shapes, names=[model_a, model_b])

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from onnxfair.data import ImageOptions, load_dataset, parse_groups
+from onnxfair.data import ImageOptions, load_datasets, parse_groups
 from onnxfair.errors import UsageError
 from onnxfair.model import load_model, parse_input_shapes, write_text_atomic
 
@@ -81,12 +81,13 @@ def image_options(kw: dict[str, Any]) -> ImageOptions:
     return ImageOptions(size=size, mean=_floats(kw.get("mean", "0"), "--mean"), std=std, layout=kw.get("layout", "NCHW"))
 
 
-def load_data(path: str, model, kw: dict[str, Any], input_shapes: dict[str, tuple[int, ...]] | None = None):
-    """The dataset for `model` from the parsed data options; --features makes a table with a `path` column a table."""
+def load_data(paths: list[str | None], model, kw: dict[str, Any], input_shapes: dict[str, tuple[int, ...]] | None = None):
+    """The datasets (None for a path not given) for `model` from the parsed data options, shared by the files:
+    --features reaches the tables, the image options the manifests; --features makes a manifest a table."""
     image = image_options(kw)
     features = [c.strip() for c in kw["features"].split(",")] if kw.get("features") else None
-    return load_dataset(path, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features, image=image,
-                        input_shapes=input_shapes)
+    return load_datasets(paths, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features,
+                         image=image, input_shapes=input_shapes)
 
 
 def emit_json(obj: Any, target: str | None) -> None:

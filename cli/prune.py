@@ -87,8 +87,7 @@ def prune(model: str, data: str | None, eval_data: str | None, output: str, repo
     cfg = PruneConfig(input_shapes=parse_input_shapes(input_shape), ignore=tuple(ignore), latency=not no_latency, **kw)
     cfg.validate(has_data=bool(data))  # settings first: a bad option should not wait for the model and data
     m = load_model(model)
-    calib = load_data(data, m, data_kw, cfg.input_shapes) if data else None
-    eval_ds = load_data(eval_data, m, data_kw, cfg.input_shapes) if eval_data else None
+    calib, eval_ds = load_data([data, eval_data], m, data_kw, cfg.input_shapes) if data else (None, None)
     progress(f"pruning {model}: {cfg.method}, {'structured' if cfg.structured else 'unstructured'}")
     result = prune_model(m, calib, eval_ds, cfg, progress=progress)
     result.report["input"] = {"model": model, "data": data, "eval_data": eval_data, "output": output}

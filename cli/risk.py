@@ -44,7 +44,7 @@ def risk(model: str, data: str, sparsity: float, structured: bool, scope: str, r
     cfg.check()  # settings first: a bad option should not wait for the model and data
     m = load_model(model)
     shapes = parse_input_shapes(input_shape)
-    ds = load_data(data, m, kw, shapes)
+    ds, = load_data([data], m, kw, shapes)
     progress(f"risk pre-check of {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     report = risk_report(m, ds, cfg, input_shapes=shapes, progress=progress)
     report = {"model": model, "data": data, "groups_by": ds.attributes, **report}

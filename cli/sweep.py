@@ -98,8 +98,7 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
 
         require_matplotlib()
     m = load_model(model)
-    calib = load_data(data, m, data_kw, base.input_shapes)
-    eval_ds = load_data(eval_data, m, data_kw, base.input_shapes) if eval_data else None
+    calib, eval_ds = load_data([data, eval_data], m, data_kw, base.input_shapes)
 
     terminated = []
 

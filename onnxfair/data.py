@@ -242,7 +242,7 @@ def load_dataset(
                          "ready tensors; drop them")
     if suffix == ".npz":
         inputs, y, cols = _load_npz(p, specs, attributes, label or "y")
-    elif suffix in (".csv", ".parquet", ".pq"):
+    elif suffix in TABLE_SUFFIXES:
         table, group_text = _read_table(p, attributes)
         if len(table) == 0:
             raise DataError(f"{p.name} has a header but no rows; give a file with at least one labelled row")
@@ -271,6 +271,57 @@ def load_dataset(
     check_labels(y, class_count(model), label or ("y" if suffix == ".npz" else "label"))
     ids, labels = _encode_groups(cols, attributes)
     return GroupedDataset(inputs, y, ids, labels, list(attributes), str(p))
+
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def data_format(path: str | Path, features: Sequence[str] | None = None, path_column: str = "path") -> str:
+    """How load_dataset reads `path`: "npz", "table" or "manifest" (a table with a path column and no
+    --features); "other" for a suffix it refuses or a header it cannot read, which load_dataset reports."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix not in TABLE_SUFFIXES:
+        return "other"
+    try:
+        if suffix == ".csv":
+            import pandas as pd
+
+            columns = pd.read_csv(p, nrows=0).columns
+        else:
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(p).names
+    except Exception:
+        return "other"
+    return "manifest" if path_column in columns and features is None else "table"
+
+
+def load_datasets(
+    paths: Sequence[str | Path | None],
+    model: onnx.ModelProto,
+    groups: str | Sequence[str],
+    label: str | None = None,
+    features: Sequence[str] | None = None,
+    image: ImageOptions | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> list[GroupedDataset | None]:
+    """--data and --eval-data read with one set of data options: --features goes to the tables and the image
+    options to the manifests, so a csv and an npz can be paired; an option that no file reads goes to every
+    file, whose refusal names it. A None path gives None."""
+    formats = [data_format(p, features, (image or ImageOptions()).path_column) if p else None for p in paths]
+    tables, manifests = "table" in formats, "manifest" in formats
+    out: list[GroupedDataset | None] = []
+    for p, fmt in zip(paths, formats):
+        if p is None:
+            out.append(None)
+            continue
+        own_features = features if fmt in ("table", "other") or not tables else None
+        own_image = image if fmt in ("manifest", "other") or not manifests else None
+        out.append(load_dataset(p, model, groups, label, own_features, own_image, input_shapes))
+    return out
 
 
 def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None, ds: GroupedDataset,
@@ -307,7 +358,9 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
                                 f"safety; fill in missing values, then save strings with a fixed-width dtype, e.g. "
                                 f"numpy.savez(..., {k}=arr.astype(str))") from None
             raise DataError(f"cannot read array {k!r} of {p.name} ({type(exc).__name__}); save it with numpy.savez") from None
-    _check_columns(keys, [label], "label array", p)
+    if label not in keys:
+        shared = " (--label names the label in every data file given)" if label != "y" else ""
+        raise DataError(f"label array {label!r} not found in {p.name}; available: {', '.join(keys)}{shared}")
     _check_columns(keys, attributes, "group array", p)
     inputs = {}
     for spec in specs:

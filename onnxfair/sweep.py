@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from onnxfair import __version__
-from onnxfair.data import GroupedDataset, ImageOptions, load_dataset
+from onnxfair.data import GroupedDataset, ImageOptions, load_datasets
 from onnxfair.errors import UsageError
 from onnxfair.model import load_model, save_model_atomic, write_text_atomic
 from onnxfair.prune import METHODS, DenseCache, PruneConfig, prune_model, unused_message
@@ -94,9 +94,8 @@ class DataSpec:
 
     def load(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
              ) -> tuple[GroupedDataset, GroupedDataset | None]:
-        kw = {"label": self.label, "features": self.features, "image": self.image, "input_shapes": input_shapes}
-        calib = load_dataset(self.data, model, self.groups, **kw)
-        eval_ds = load_dataset(self.eval_data, model, self.groups, **kw) if self.eval_data else None
+        calib, eval_ds = load_datasets([self.data, self.eval_data], model, self.groups, self.label, self.features,
+                                       self.image, input_shapes)
         return calib, eval_ds
 
 

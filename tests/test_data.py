@@ -293,6 +293,56 @@ def test_a_csv_group_column_can_also_be_the_label_or_a_boolean_feature(tiny_line
         assert np.bincount(flagged.group_ids).tolist() == [int((~df["flag"]).sum()), int(df["flag"].sum())]
 
 
+def test_data_and_eval_data_in_two_formats_each_take_the_options_they_read(tiny_linear, tmp_path):
+    """Before: --data and --eval-data got every data option alike, so a csv paired with an npz failed on
+    --features ('drop --features'); the advice, taken for manifest options, silently left one file
+    unnormalised."""
+    from onnxfair.data import load_datasets
+    from onnxfair.errors import UsageError
+
+    df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
+    df["label"] = tiny_linear["y"]
+    df["race"] = tiny_linear["race"]
+    df["note"] = "x"  # a text column the model does not read: --features is needed
+    df.to_csv(tmp_path / "t.csv", index=False)
+    ref = load_dataset(tiny_linear["data"], tiny_linear["model"], "race")
+    for order in ((tmp_path / "t.csv", tiny_linear["data"]), (tiny_linear["data"], tmp_path / "t.csv")):
+        got = load_datasets(list(order), tiny_linear["model"], "race", features=["a", "b", "c", "d"])
+        for ds in got:
+            np.testing.assert_allclose(ds.inputs["x"], ref.inputs["x"], rtol=1e-6)
+            assert (ds.y == ref.y).all() and (ds.group_ids == ref.group_ids).all()
+    assert load_datasets([tiny_linear["data"], None], tiny_linear["model"], "race")[1] is None
+    with pytest.raises(UsageError, match="--features names table columns, and .* is an npz"):  # read by no file
+        load_datasets([tiny_linear["data"], tiny_linear["data"]], tiny_linear["model"], "race", features=["a"])
+    with pytest.raises(DataError, match=r"label array 'label' not found in .*; available: .* \(--label names the "
+                                        r"label in every data file given\)"):
+        load_datasets([tmp_path / "t.csv", tiny_linear["data"]], tiny_linear["model"], "race", label="label",
+                      features=["a", "b", "c", "d"])
+
+
+def test_a_manifest_paired_with_an_npz_takes_the_image_options_alone(tmp_path):
+    from PIL import Image
+    from onnx import TensorProto, helper
+
+    from onnxfair.data import ImageOptions, load_datasets
+
+    pix = np.random.default_rng(0).integers(0, 256, (4, 6, 5, 3), dtype=np.uint8)
+    for i, arr in enumerate(pix):
+        Image.fromarray(arr).save(tmp_path / f"im{i}.png")
+    pd.DataFrame({"path": [f"im{i}.png" for i in range(4)], "label": [0, 1, 2, 0], "tone": list("abab")}).to_csv(
+        tmp_path / "m.csv", index=False)
+    ready = ((pix.astype(np.float32) / 255 - 0.5) / 0.25).transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "e.npz", x=ready, y=np.array([0, 1, 2, 0]), tone=np.array(list("abab")))
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    calib, held = load_datasets([tmp_path / "m.csv", tmp_path / "e.npz"], model, "tone",
+                                image=ImageOptions(mean=(0.5,), std=(0.25,)))
+    np.testing.assert_allclose(calib.inputs["x"], held.inputs["x"], atol=1e-6)
+
+
 def test_intersections_that_would_read_the_same_are_refused(tiny_linear, tmp_path):
     """Before: values holding ',' and '=' made two different intersections one group (exit 0)."""
     df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
