@@ -9,6 +9,7 @@ from cli.outputs import check_outputs
 from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.graph.cost import uncounted_note
 from onnxfair.inspect import inspect_model
+from onnxfair.settings import check_seed
 from onnxfair.prune import unmatched_patterns, unmatched_warning
 
 
@@ -60,6 +61,7 @@ def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...]
         raise UsageError("--ignore changes only the channel groups that --groups shows; add --groups or drop --ignore")
     if seed and not verify:
         raise UsageError("--seed draws the random inputs of --verify; add --verify or drop --seed")
+    check_seed(seed, "--seed")
     m = load_model(model)
     for pattern in unmatched_patterns(m, ignore):
         progress(unmatched_warning(pattern))

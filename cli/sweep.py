@@ -16,6 +16,7 @@ from cli.outputs import check_outputs
 from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
 from onnxfair.prune import PruneConfig
+from onnxfair.settings import check_seed
 from onnxfair.sweep import (
     DISPARITIES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, foreign_models,
     format_rows, output_files, parse_list, run_sweep, sweep_summary, write_results,
@@ -78,6 +79,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     method_list = parse_list(methods, str, "--methods")
     sparsity_list = parse_list(sparsities, float, "--sparsities")
     seed_list = parse_list(seeds, int, "--seeds")
+    for seed in seed_list:
+        check_seed(seed, "--seeds")
     base = PruneConfig(method=method_list[0], structured=structured, sparsity=sparsity_list[0], seed=seed_list[0],
                        input_shapes=parse_input_shapes(input_shape), ignore=tuple(ignore), latency=not no_latency, **kw)
     spec = DataSpec(data, eval_data, [g.strip() for g in data_kw["groups"].split(",") if g.strip()], data_kw["label"],

@@ -82,6 +82,9 @@ class PruneConfig:
             raise UsageError(f"--method {self.method} scores with data: pass --data and --groups (or use --method magnitude)")
         if self.finetune_epochs and not has_data:
             raise UsageError("--finetune-epochs needs --data and --groups")
+        settings.check_seed(self.seed, "--seed")
+        if self.split_seed is not None:
+            settings.check_seed(self.split_seed, "--split-seed")
         if self.iterations < 1:
             raise UsageError("--iterations must be at least 1")
         if self.step_epochs < 0 or self.finetune_epochs < 0:

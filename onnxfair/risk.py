@@ -100,6 +100,7 @@ class RiskConfig:
             raise UsageError("--round-to must be at least 1")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        settings.check_seed(self.seed, "--seed")
         if self.loss not in ("ce", "pw"):
             raise UsageError(f"--loss {self.loss!r} is not supported; use ce or pw")
         reads = {"round_to": self.structured, "beta": self.loss == "pw", "gamma": self.loss == "pw",

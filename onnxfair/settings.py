@@ -1,11 +1,21 @@
-"""Settings a run would not read: refused rather than ignored, because a user who sets an option believes
-the run honours it. A setting left at its default is never in the way, so scripts that spell out every
-default keep working."""
+"""Checks shared by the run settings. Settings a run would not read are refused rather than ignored, because
+a user who sets an option believes the run honours it. A setting left at its default is never in the way, so
+scripts that spell out every default keep working."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+from onnxfair.errors import UsageError
+
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's generators both take
+
+
+def check_seed(value: int, option: str) -> None:
+    """A seed both torch and numpy accept; anything else would fail mid-run with their traceback."""
+    if not 0 <= value <= MAX_SEED:
+        raise UsageError(f"{option} {value} is outside 0..2**63-1; give a non-negative integer seed, e.g. 0")
 
 
 def defaults(config_type: type) -> dict[str, Any]:

@@ -248,6 +248,19 @@ def test_prune_refuses_bad_requests(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_a_seed_numpy_or_torch_cannot_take_is_one_line(tmp_path):
+    """Before: --seed -1 (bilevel, fine-tuning, or any run judged on a held-out split) and a seed of 2**64
+    crashed with a traceback from numpy or torch."""
+    data = ["--data", CAL, "--groups", "race"]
+    for cmd in (["prune", MLP, *data, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx", "--seed"],
+                ["prune", MLP, *data, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx", "--split-seed"],
+                ["risk", MLP, *data, "--seed"], ["inspect", MLP, "--verify", "--seed"],
+                ["sweep", MLP, *data, "--methods", "magnitude", "--sparsities", "0.5", "--out", tmp_path / "sw", "--seeds"]):
+        for bad in ("-1", str(2**64)) if cmd[0] == "prune" else ("-1",):
+            assert f"{cmd[-1]} {bad} is outside 0..2**63-1; give a non-negative integer seed" in _error([*cmd, bad])
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "x.onnx").exists()
+
+
 def test_inspect_verify_and_unsupported(tmp_path):
     r = run("inspect", MLP, "--verify", "--groups", "--json", "-")
     rep = json.loads(r.stdout)
