@@ -196,6 +196,9 @@ def _json_beside_results(json_out: str | None, out: str) -> str | None:
     target, folder = Path(json_out).resolve(), Path(out).resolve()
     if target == folder / "results.json":
         return None
+    if target == folder:
+        raise UsageError(f"--json {json_out} is the --out folder; give a file path, e.g. --json "
+                         f"{Path(out) / 'results.json'} (the document the sweep writes there anyway)")
     if folder in target.parents:
         raise UsageError(f"--json {json_out} is inside --out {out}, where the sweep writes its own files; "
                          f"{Path(out) / 'results.json'} holds the same document, so drop --json or give a path outside it")

@@ -397,6 +397,9 @@ def test_json_into_the_new_out_folder(mlp, tmp_path, counting):
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out / "results.csv"))
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0
     assert f"--json {out / 'results.csv'} is inside --out {out}" in r.stderr and not out.exists()
+    r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out))  # before: refused after every run
+    assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and not counting.calls
+    assert f"--json {out} is the --out folder; give a file path" in r.stderr and not out.exists()
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out / "results.json"))
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
