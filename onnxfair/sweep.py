@@ -76,6 +76,9 @@ def check_recommendation_options(max_disparity: float | None, max_macs_ratio: fl
     if not (math.isfinite(disparity_weight) and disparity_weight >= 0):
         raise UsageError(f"--disparity-weight {disparity_weight} must be a finite number >= 0 (the accuracy given "
                          "up per unit of disparity; 0 ignores disparity), e.g. 1")
+    if max_disparity is not None and disparity_weight != 1.0:  # 1 is the default, which a script may spell out
+        raise UsageError(f"--disparity-weight {disparity_weight:g} has no effect with --max-disparity, which picks "
+                         "the most accurate run within the limit; drop one of the two")
 
 
 # ------------------------------------------------------------------------------------------- the plan

@@ -381,6 +381,7 @@ def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp
     (["--disparity-weight", "nan"], "--disparity-weight nan must be a finite number >= 0"),
     (["--disparity-weight", "-0.5"], "--disparity-weight -0.5 must be a finite number >= 0"),
     (["--disparity-weight", "inf"], "--disparity-weight inf must be a finite number >= 0"),
+    (["--max-disparity", "0.05", "--disparity-weight", "5"], "--disparity-weight 5 has no effect with --max-disparity"),
     (["--max-disparity", "nan"], "--max-disparity nan must be a finite number >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2(mlp, tmp_path, extra, message):
@@ -428,7 +429,8 @@ def test_expand_checks_what_a_run_would_refuse():
     assert [r.cfg.iterations for r in expand(dataclasses.replace(plan, methods=("magnitude", "taylor")))] == [3, 3]
     with pytest.raises(UsageError, match="--disparity-weight nan"):
         sweep_mod.check_recommendation_options(None, None, float("nan"))
-    sweep_mod.check_recommendation_options(0.0, 1.0, 0.0)  # the bounds themselves are fine
+    sweep_mod.check_recommendation_options(0.0, 1.0, 1.0)  # the bounds themselves are fine
+    sweep_mod.check_recommendation_options(None, 1.0, 0.0)
 
 
 def _bad_out(tmp_path, case):
