@@ -461,7 +461,8 @@ def format_risk(report: dict) -> str:
     """The per-group table in ranking order, then groups without rows, then the overall row."""
     s = report["settings"]
     mode = "structured" if s.get("structured") else "unstructured"
-    head = (f"{'rank':>4}  {'group':<30}{'n':>7}{'acc%':>8}{'loss':>8}{'|grad|':>9}{'tr(H)':>10}"
+    w = max([30] + [len(label) + 1 for label in report["groups"]])  # whole labels: cut ones can read alike
+    head = (f"{'rank':>4}  {'group':<{w}}{'n':>7}{'acc%':>8}{'loss':>8}{'|grad|':>9}{'tr(H)':>10}"
             f"{'uncert%':>9}{'pred dL':>10}{'meas dL':>10}")
     lines = [
         f"bias-risk pre-check: {mode} magnitude mask at sparsity {report['sparsity']}, loss {s.get('loss')}, "
@@ -473,7 +474,7 @@ def format_risk(report: dict) -> str:
     def row(rank: str, label: str, g: dict) -> str:
         acc = None if g.get("accuracy") is None else 100 * g["accuracy"]
         unc = None if g.get("uncertain_share") is None else 100 * g["uncertain_share"]
-        return (f"{rank:>4}  {label[:29]:<30}{g['n']:>7}{_cell(acc, '.2f', 8)}{_cell(g.get('mean_loss'), '.4f', 8)}"
+        return (f"{rank:>4}  {label:<{w}}{g['n']:>7}{_cell(acc, '.2f', 8)}{_cell(g.get('mean_loss'), '.4f', 8)}"
                 f"{_cell(g.get('grad_norm'), '.4f', 9)}{_cell(g.get('hessian_trace'), '.4g', 10)}{_cell(unc, '.1f', 9)}"
                 f"{_cell(g.get('predicted_loss_change'), '+.4f', 10)}{_cell(g.get('measured_loss_change'), '+.4f', 10)}"
                 + ("  (small group)" if g.get("small") else ""))

@@ -823,12 +823,13 @@ def write_results(out: str | os.PathLike, summary: dict) -> tuple[Path, Path]:
 
 def format_rows(rows: Sequence[dict], metric: str) -> str:
     """Terminal table of the sweep: * marks the Pareto front, <- the recommended run."""
-    head = (f"{'run':<32}{'acc%':>8}{'Δacc':>8}{metric[:14]:>15}{'worst%':>8}{'gap':>7}{'MACs':>7}{'ms':>8}  front")
+    w = max([32] + [len(r["run_id"]) + 1 for r in rows])  # whole run ids: cut ones can read alike
+    head = (f"{'run':<{w}}{'acc%':>8}{'Δacc':>8}{metric[:14]:>15}{'worst%':>8}{'gap':>7}{'MACs':>7}{'ms':>8}  front")
     lines = [head, "-" * len(head)]
     for r in rows:
         ms = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}"
         lines.append(
-            f"{r['run_id'][:31]:<32}{_pct(r['accuracy']):>8}{_pct(r['accuracy_delta']):>8}{_pct(r[metric]):>15}"
+            f"{r['run_id']:<{w}}{_pct(r['accuracy']):>8}{_pct(r['accuracy_delta']):>8}{_pct(r[metric]):>15}"
             f"{_pct(r['worst_group_accuracy']):>8}{_pct(r['accuracy_gap']):>7}{r['macs_ratio']:>7.3f}{ms:>8}  "
             f"{'*' if r['pareto'] else ' '}{' <- recommended' if r['recommended'] else ''}"
         )

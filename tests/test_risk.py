@@ -249,6 +249,19 @@ def test_the_table_keeps_its_columns_apart_for_huge_values():
         assert got == pytest.approx(want, rel=0.05)
 
 
+def test_the_table_prints_whole_group_labels():
+    """Before: labels were cut at 29 characters, so race=Asian-Pac-Islander,sex=M,y=0 and ...,y=1 printed
+    alike, and sex=Female read sex=F."""
+    g = {"n": 5, "accuracy": 0.5, "mean_loss": 0.7, "grad_norm": 0.1, "hessian_trace": 1.0, "uncertain_share": 0.2,
+         "predicted_loss_change": 0.01, "measured_loss_change": 0.02}
+    labels = ["race=Asian-Pac-Islander,sex=Female,y=0", "race=Asian-Pac-Islander,sex=Female,y=1"]
+    rep = {"settings": {"structured": True}, "sparsity": 0.5, "ranking": labels, "groups": dict.fromkeys(labels, g),
+           "overall": g}
+    lines = format_risk(rep).splitlines()
+    assert [line.split()[1] for line in lines[3:5]] == labels
+    assert len({len(line) for line in lines[1:2] + lines[3:6]}) == 1  # the columns stay aligned
+
+
 def test_unstructured_magnitude_mask_removes_smallest_weights(softmax_case):
     case = softmax_case
     ds = _dataset(case["x"], case["y"], case["groups"], case["labels"])

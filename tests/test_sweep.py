@@ -79,6 +79,18 @@ def _rows(*specs):
     ]
 
 
+def test_the_table_prints_whole_run_ids():
+    """Before: run ids were cut at 31 characters, so seeds 10 and 11 of one setting printed alike."""
+    from onnxfair.sweep import format_rows
+
+    rows = [{"run_id": f"fairgrape-unstr-s0.123456789-seed{k}", "accuracy": 0.8, "accuracy_delta": -0.01,
+             "std_delta": 0.02, "worst_group_accuracy": 0.7, "accuracy_gap": 0.05, "macs_ratio": 1.0,
+             "latency_ms": None, "pareto": k == 10, "recommended": False} for k in (10, 11)]
+    lines = format_rows(rows, "std_delta").splitlines()
+    assert [line.split()[0] for line in lines[2:]] == [r["run_id"] for r in rows]
+    assert lines[0].index("acc%") == lines[2].index("80.00") + len("80.00") - len("acc%")
+
+
 def test_recommendation_rule():
     rows = _rows(("a", 0.90, 0.050, 0.8), ("b", 0.85, 0.010, 0.5), ("c", 0.70, 0.005, 0.3), ("d", 0.80, 0.020, 0.5))
     # score accuracy - disparity: a 0.850, b 0.840, c 0.695; d is dominated by b
