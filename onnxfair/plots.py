@@ -67,11 +67,16 @@ def pareto_png(rows: Sequence[dict], metric: str, path: str | os.PathLike, title
     from matplotlib.colors import Normalize
 
     pts = [r for r in rows if r.get(metric) is not None and r.get("accuracy") is not None]
-    ratios = [r["macs_ratio"] for r in pts] or [1.0]
+    if not pts:  # a figure that says why, rather than empty axes under a colour bar of made-up values
+        fig = _figure(8.0, 3.0)
+        fig.text(0.5, 0.5, f"No run has a value for {metric} to plot:\nit needs at least "
+                 "two groups with rows in the evaluation data.", ha="center", va="center", fontsize=11)
+        return _save(fig, path)
+    ratios = [r["macs_ratio"] for r in pts]
     colour, colour_label = "macs_ratio", "MACs kept (pruned / dense)"
     if max(ratios) - min(ratios) < 1e-9:  # unstructured: zeros leave MACs unchanged, so colour by sparsity
         colour, colour_label = "sparsity", f"sparsity (fraction removed; MACs ratio {ratios[0]:.3f} for every run)"
-    values = [r[colour] for r in pts] or [1.0]
+    values = [r[colour] for r in pts]
     lo, hi = min(values), max(values)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.05, hi + 0.05

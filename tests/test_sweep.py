@@ -744,6 +744,24 @@ def test_pareto_png_adds_a_zoom_panel_when_outliers_squeeze_the_front(tmp_path):
         assert b.size[0] > 1.4 * a.size[0]  # a second panel
 
 
+def test_pareto_png_without_a_disparity_value_says_why_instead_of_empty_axes(tmp_path):
+    """Before: runs judged on one group drew empty axes under a colour bar claiming 'MACs ratio 1.000 for every
+    run' (their ratios were 0.33 and 0.41)."""
+    from PIL import Image
+
+    from onnxfair.plots import pareto_png
+
+    rows = [{"run_id": f"r{i}", "method": "magnitude", "sparsity": 0.5, "accuracy": 0.8, "std_delta": None,
+             "dense_accuracy": 0.9, "macs_ratio": m, "pareto": False, "recommended": False}
+            for i, m in enumerate((0.33, 0.41))]
+    pareto_png(rows, "std_delta", tmp_path / "none.png")
+    with Image.open(tmp_path / "none.png") as im:
+        pix = np.asarray(im.convert("RGB")).astype(int)
+    assert pix.shape[1] > 2 * pix.shape[0]  # the short text figure, not the 8 x 6.2 plot
+    coloured = (pix.max(axis=2) - pix.min(axis=2)) > 40  # a colour bar's or marker's hue; text is grey
+    assert coloured.mean() < 0.001
+
+
 def test_a_runs_warnings_and_achieved_sparsity_reach_the_sweep(mlp, tmp_path):
     """A sweep's runs print nothing, so prune's warnings were lost there: a 0.99 request that keeps a block of
     4 of the 16 hidden channels was a row labelled 0.99 with no word that it removed 0.75."""
