@@ -357,13 +357,9 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
                 raise no_channel_groups(model, an)
-            small = [g for g in an.groups if g.size <= cfg.round_to] if cfg.round_to > 1 else []
-            if small:
-                sizes = sorted({g.size for g in small})
-                shown = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-                progress(f"warning: --round-to {cfg.round_to} is not below the size of {len(small)} of the "
-                         f"{len(an.groups)} channel groups ({shown} channels); rounded, they could only be kept "
-                         "whole, so their counts go in single channels")
+            note = round_to_note(an.groups, cfg.round_to)
+            if note:
+                progress(note)
             dense = an.model
             units = an.groups
         else:
@@ -401,16 +397,11 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                 from onnxfair.graph.shapes import restore_symbolic_io
 
                 pruned = restore_symbolic_io(pruned, model)
-            structure["groups"] = [
-                {"id": g.id, "name": g.name, "channels": g.size, "kept": int(len(keep.get(g.id, range(g.size))))}
-                for g in an.groups
-            ]
-            total = sum(g["channels"] for g in structure["groups"])
-            removed = total - sum(g["kept"] for g in structure["groups"])
-            structure["channels"] = {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
-            if cfg.sparsity is not None and abs(cfg.sparsity - removed / max(total, 1)) > 0.02:
-                progress(f"warning: {removed / max(total, 1):.3f} of the channels removed, not {cfg.sparsity}: "
-                         f"{_sparsity_miss_reason(cfg, structure['groups'], removed / max(total, 1))}")
+            structure["groups"] = kept_channels(an.groups, keep)
+            structure["channels"] = channel_counts(structure["groups"])
+            note = sparsity_miss_note(cfg, structure["groups"]) if cfg.sparsity is not None else None
+            if note:
+                progress(note)
         else:
             pruned = mask_weights(dense_for_rewrite, masks)
             # counted in the written weights, so a model that already had zeros is described as it is
@@ -549,7 +540,40 @@ def _zeros_by_initializer(model: onnx.ModelProto, names) -> dict[str, int]:
             for i in model.graph.initializer if i.name in wanted for i_arr in [numpy_helper.to_array(i)]}
 
 
-def _sparsity_miss_reason(cfg: PruneConfig, groups: list[dict], removed: float) -> str:
+def round_to_note(groups, round_to: int) -> str | None:
+    """The warning for channel groups no larger than --round-to, which rounding could only keep whole."""
+    small = [g for g in groups if g.size <= round_to] if round_to > 1 else []
+    if not small:
+        return None
+    sizes = sorted({g.size for g in small})
+    shown = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return (f"warning: --round-to {round_to} is not below the size of {len(small)} of the {len(groups)} channel "
+            f"groups ({shown} channels); rounded, they could only be kept whole, so their counts go in single channels")
+
+
+def kept_channels(groups, keep: dict[int, np.ndarray]) -> list[dict]:
+    """Each channel group's id, name, size and kept count (a group `keep` leaves out is kept whole)."""
+    return [{"id": g.id, "name": g.name, "channels": g.size, "kept": int(len(keep.get(g.id, range(g.size))))}
+            for g in groups]
+
+
+def channel_counts(groups: list[dict]) -> dict:
+    total = sum(g["channels"] for g in groups)
+    removed = total - sum(g["kept"] for g in groups)
+    return {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
+
+
+def sparsity_miss_note(cfg, groups: list[dict]) -> str | None:
+    """The warning when the channels removed miss --sparsity by more than 0.02, with the reason; `cfg` has
+    sparsity, scope and round_to (a prune or risk config)."""
+    removed = channel_counts(groups)["sparsity"]
+    if abs(cfg.sparsity - removed) <= 0.02:
+        return None
+    return (f"warning: {removed:.3f} of the channels removed, not {cfg.sparsity}: "
+            f"{_sparsity_miss_reason(cfg, groups, removed)}")
+
+
+def _sparsity_miss_reason(cfg, groups: list[dict], removed: float) -> str:
     """Why the channels removed miss --sparsity: a floor every group keeps (a shortfall with groups at it), or
     counts rounded to multiples of --round-to."""
     floors = [g for g in groups if g["kept"] == min(max(cfg.round_to, 1), g["channels"]) < g["channels"]]

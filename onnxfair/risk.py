@@ -175,7 +175,7 @@ def magnitude_masks(
     """
     from onnxfair.importance import compute_scores
     from onnxfair.interpret import OnnxModule
-    from onnxfair.prune import weight_names
+    from onnxfair.prune import kept_channels, round_to_note, sparsity_miss_note, weight_names
     from onnxfair.select import select_channels, select_weights
 
     if cfg.sparsity == 0:
@@ -193,6 +193,9 @@ def magnitude_masks(
         scores = compute_scores("magnitude", OnnxModule(dense), groups=an.groups, weights=weight_names(dense),
                                 device="cpu", progress=say)
         keep = select_channels(scores, an.groups, sparsity=cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to)
+        for note in (round_to_note(an.groups, cfg.round_to), sparsity_miss_note(cfg, kept_channels(an.groups, keep))):
+            if note:
+                say(note)  # as prune warns: the mask assessed is not quite the one asked for
         masks = channel_masks(an, keep)
     else:
         dense = model

@@ -363,3 +363,24 @@ def test_risk_takes_symbolic_image_dims_from_the_data():
     assert "input 'x': symbolic dims set from the data's rows: 1,3,8,6 (--input-shape sets them)" in said
     assert json.dumps(implicit, sort_keys=True) == json.dumps(explicit, sort_keys=True)
     assert implicit["groups"]
+
+
+def test_risk_warns_as_prune_does_when_its_mask_misses_the_sparsity_or_round_to_covers_a_group():
+    """Before: --sparsity 0.99 assessed a mask removing 0.875 of the channels, and --round-to 100 acted as 1,
+    both without a word."""
+    from onnxfair.data import load_dataset
+    from onnxfair.model import load_model
+    from tests.conftest import FIXTURES
+
+    m = load_model(FIXTURES / "adult_mlp.onnx")
+    ds = load_dataset(FIXTURES / "adult_calib.npz", m, "race").subset(np.arange(300))
+    for extra, note in (({"sparsity": 0.99}, "warning: 0.875 of the channels removed, not 0.99: every group keeps "
+                                              "at least one block of --round-to 8 (2 at it)"),
+                        ({"sparsity": 0.5, "round_to": 100}, "warning: --round-to 100 is not below the size of 2 of "
+                                                             "the 2 channel groups (64 channels)")):
+        said = []
+        risk_report(m, ds, RiskConfig(hutchinson_samples=0, **extra), progress=said.append)
+        assert any(line.startswith(note) for line in said), said
+    said = []
+    risk_report(m, ds, RiskConfig(hutchinson_samples=0, sparsity=0.5), progress=said.append)
+    assert not any(line.startswith("warning") for line in said)
