@@ -178,7 +178,7 @@ def _write_outputs(plan, result, model: str, out: str, structured: bool, no_plot
     others = foreign_models(plan, result)
     if others:
         progress(f"note: {others[0].parent} also holds {len(others)} model file{'s' * (len(others) > 1)} this sweep "
-                 f"did not keep (an earlier sweep's, e.g. {others[0].name}); results.json names this sweep's models")
+                 f"did not keep (an earlier sweep's, e.g. {others[0].name}); this sweep's are the run ids of results.json")
     from onnxfair.plots import html_report
 
     html_path = html_report(summary, Path(out) / "report.html", images)

@@ -50,7 +50,9 @@ def _save(fig, path: str | os.PathLike) -> Path:
     """PNG via a temporary file and a rename, like every other output."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
-    fig.savefig(tmp, format="png")
+    from onnxfair import __version__
+
+    fig.savefig(tmp, format="png", metadata={"Software": f"onnxfair {__version__}"})  # marks it as a sweep's own
     os.replace(tmp, target)
     return target
 

@@ -217,12 +217,34 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
         if not os.access(above, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out} cannot be created: {above} is not writable; choose another --out")
         return  # nothing below --out exists yet
+    for name in OUTPUT_FILES:  # a sweep replaces or removes these: only ever its own
+        f = out / name
+        if f.is_file() and not written_by_a_sweep(f):
+            raise UsageError(f"--out {out} holds {name}, which no onnxfair sweep wrote and this sweep would replace; "
+                             "move it or choose another --out")
     for what, folder in _folders(plan).items():
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             raise UsageError(f"{folder} is a file, but the sweep keeps its {what} there; move it or choose another --out")
     for f in output_files(plan, runs):
         if f.is_dir():
             raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
+
+
+def written_by_a_sweep(path: Path) -> bool:
+    """Whether a results file or plot in --out is a sweep's own, by the mark each carries: the JSON's
+    `onnxfair_sweep` key, the CSV's header, the report's title, the PNGs' Software text."""
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(path.read_text())
+            return isinstance(doc, dict) and "onnxfair_sweep" in doc
+        head = path.read_bytes()[:4096]
+    except (OSError, ValueError):
+        return False
+    if path.suffix == ".csv":
+        return head.startswith(b"run_id,method,")
+    if path.suffix == ".html":
+        return b"<title>onnxfair sweep</title>" in head
+    return b"tEXtSoftware\x00onnxfair " in head
 
 
 def output_files(plan: SweepPlan, runs: Sequence[Run] | None = None) -> list[Path]:

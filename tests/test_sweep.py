@@ -374,7 +374,7 @@ def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--keep-models", "--sparsities", "0.3"))
     assert r.exit_code == 0
     assert (f"note: {out / 'models'} also holds 2 model files this sweep did not keep (an earlier sweep's, e.g. "
-            "magnitude-s0.60-seed0.onnx); results.json names this sweep's models") in r.stderr.splitlines()
+            "magnitude-s0.60-seed0.onnx); this sweep's are the run ids of results.json") in r.stderr.splitlines()
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency"))
     assert r.exit_code == 0 and "holds 4 model files this sweep did not keep" in r.stderr
     assert len(list((out / "models").glob("*.onnx"))) == 4
@@ -401,6 +401,25 @@ def test_bad_input_is_one_line_exit_2(mlp, tmp_path, extra, message):
     assert r.exit_code == 2
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_results_file_or_plot_no_sweep_wrote_is_never_replaced(mlp, tmp_path, counting):
+    """Before: a sweep that computed new runs deleted any results.csv, results.json, report.html or PNG of
+    those names in --out, a user's own included (say with --out .)."""
+    out = tmp_path / "sw"
+    r = run(*sweep_args(mlp, out, "--sparsities", "0.3", "--methods", "magnitude", "--no-latency"))
+    assert r.exit_code == 0, r.output
+    ours = {name: (out / name).read_bytes() for name in ("results.csv", "results.json", "report.html", "pareto.png")}
+    for name, text in (("results.csv", "a,b\n1,2\n"), ("results.json", '{"mine": 1}'), ("report.html", "<p>mine</p>"),
+                       ("pareto.png", "not a sweep's plot")):
+        (out / name).write_text(text)
+        r = run(*sweep_args(mlp, out, "--no-latency"))
+        assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
+        assert f"holds {name}, which no onnxfair sweep wrote" in r.stderr and (out / name).read_text() == text
+        (out / name).write_bytes(ours[name])  # a sweep's own file: replaced as before
+    calls = len(counting.calls)
+    r = run(*sweep_args(mlp, out, "--no-latency"))
+    assert r.exit_code == 0 and len(counting.calls) == calls + 3 and "removed the earlier results" in r.stderr
 
 
 def test_json_into_the_new_out_folder(mlp, tmp_path, counting):
