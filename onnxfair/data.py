@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -142,6 +143,11 @@ def parse_groups(groups: str | Sequence[str]) -> list[str]:
 
 def _labels(raw: np.ndarray, name: str) -> np.ndarray:
     raw = np.asarray(raw)
+    if raw.ndim == 2 and raw.shape[1] == 1:  # a column vector, as group arrays are taken
+        raw = raw[:, 0]
+    if raw.ndim == 2 and raw.shape[1] > 1:
+        raise DataError(f"label {name!r} has shape {raw.shape}, one row of {raw.shape[1]} values per sample; give one "
+                        f"class index per row (for one-hot or probability rows, save {name}.argmax(1))")
     if raw.ndim != 1:
         raise DataError(f"label {name!r} has shape {raw.shape}; expected one class index per row")
     if raw.dtype.kind not in "iubf":
@@ -530,7 +536,8 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     for rel in paths.astype(str):
         f = (p.parent / rel) if not Path(rel).is_absolute() else Path(rel)
         try:
-            with Image.open(f) as im:
+            with warnings.catch_warnings(), Image.open(f) as im:  # Pillow's notes on odd files are not ours to print
+                warnings.simplefilter("ignore")
                 if im.mode != mode:
                     converted[im.mode] = converted.get(im.mode, 0) + 1
                 resized += im.size != (size[1], size[0])

@@ -343,6 +343,36 @@ def test_a_manifest_paired_with_an_npz_takes_the_image_options_alone(tmp_path):
     np.testing.assert_allclose(calib.inputs["x"], held.inputs["x"], atol=1e-6)
 
 
+def test_a_column_vector_label_is_taken_and_one_hot_labels_get_the_fix(tmp_path):
+    """Before: a label of shape [N, 1] was refused although group arrays of that shape are taken, and one-hot
+    rows got no hint of the fix."""
+    x = np.zeros((4, 4), np.float32)
+    np.savez(tmp_path / "col.npz", x=x, y=np.array([[0], [1], [2], [0]]), g=np.array(list("abab")))
+    assert load_dataset(tmp_path / "col.npz", _model(), "g").y.tolist() == [0, 1, 2, 0]
+    np.savez(tmp_path / "hot.npz", x=x, y=np.eye(3)[[0, 1, 2, 0]], g=np.array(list("abab")))
+    with pytest.raises(DataError, match=r"one row of 3 values per sample; .*save y.argmax\(1\)"):
+        load_dataset(tmp_path / "hot.npz", _model(), "g")
+
+
+def test_pillows_own_warnings_on_odd_images_stay_off_stderr(tmp_path, recwarn):
+    """Before: a palette PNG whose transparency is stored as bytes printed Pillow's two-line UserWarning."""
+    from PIL import Image
+    from onnx import TensorProto, helper
+
+    for i in range(2):
+        im = Image.fromarray(np.arange(24, dtype=np.uint8).reshape(4, 6) % 4).convert("P")
+        im.info["transparency"] = bytes([0, 128] + [255] * 14)
+        im.save(tmp_path / f"p{i}.png", transparency=bytes([0, 128] + [255] * 14))
+    pd.DataFrame({"path": ["p0.png", "p1.png"], "label": [0, 1], "g": ["a", "b"]}).to_csv(tmp_path / "m.csv", index=False)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["logits"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert load_dataset(tmp_path / "m.csv", model, "g").inputs["x"].shape == (2, 3, 4, 6)
+    assert not [w for w in recwarn if "PIL" in w.filename or "Palette" in str(w.message)]
+
+
 def test_intersections_that_would_read_the_same_are_refused(tiny_linear, tmp_path):
     """Before: values holding ',' and '=' made two different intersections one group (exit 0)."""
     df = pd.DataFrame(tiny_linear["x"], columns=["a", "b", "c", "d"])
