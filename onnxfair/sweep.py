@@ -826,7 +826,8 @@ def sweep_summary(plan: SweepPlan, result: SweepResult, disparity: str, max_disp
                   "at least as good in both and strictly better in one",
         "recommendation": {
             "run_id": result.recommended, "why": result.recommendation, "rule": RECOMMENDATION_RULE,
-            "max_disparity": max_disparity, "max_macs_ratio": max_macs_ratio, "disparity_weight": disparity_weight,
+            "max_disparity": max_disparity, "max_macs_ratio": max_macs_ratio,
+            "disparity_weight": None if max_disparity is not None else disparity_weight,  # not read with a limit
         },
         "conventions": conventions,
         "reused": result.reused,

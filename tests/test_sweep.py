@@ -507,6 +507,8 @@ def test_plots_of_an_earlier_sweep_are_removed(mlp, tmp_path, counting):
     assert (out / "pareto.png").is_file() and not (out / "groups.png").exists()
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 1
     assert f"removed {out / 'groups.png'}" in r.stderr
+    rec = json.loads((out / "results.json").read_text())["recommendation"]
+    assert rec["max_disparity"] == 0 and rec["disparity_weight"] is None  # a limit reads no weight (was 1.0)
     r = run(*sweep_args(mlp, out, "--no-latency", "--no-plots"))
     assert r.exit_code == 0, r.output
     assert not (out / "pareto.png").exists() and not (out / "groups.png").exists()
