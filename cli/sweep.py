@@ -196,8 +196,8 @@ def _json_beside_results(json_out: str | None, out: str) -> str | None:
     target, folder = Path(json_out).resolve(), Path(out).resolve()
     if target == folder / "results.json":
         return None
-    if target == folder:
-        raise UsageError(f"--json {json_out} is the --out folder; give a file path, e.g. --json "
+    if target == folder or target in folder.parents:
+        raise UsageError(f"--json {json_out} is the --out folder or a folder above it; give a file path, e.g. --json "
                          f"{Path(out) / 'results.json'} (the document the sweep writes there anyway)")
     if folder in target.parents:
         raise UsageError(f"--json {json_out} is inside --out {out}, where the sweep writes its own files; "

@@ -145,6 +145,9 @@ def _labels(raw: np.ndarray, name: str) -> np.ndarray:
     raw = np.asarray(raw)
     if raw.ndim == 2 and raw.shape[1] == 1:  # a column vector, as group arrays are taken
         raw = raw[:, 0]
+    if raw.ndim == 2 and raw.shape[0] == 1:
+        raise DataError(f"label {name!r} has shape {raw.shape}, one row holding every sample's label; give one class "
+                        f"index per row: save {name}.ravel()")
     if raw.ndim == 2 and raw.shape[1] > 1:
         raise DataError(f"label {name!r} has shape {raw.shape}, one row of {raw.shape[1]} values per sample; give one "
                         f"class index per row (for one-hot or probability rows, save {name}.argmax(1))")
@@ -330,19 +333,26 @@ def load_datasets(
     return out
 
 
-def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None, ds: GroupedDataset,
-                     say: Callable[[str], None] = lambda _m: None) -> dict[str, tuple[int, ...]]:
+def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None,
+                     datasets: Sequence[GroupedDataset | None], say: Callable[[str], None] = lambda _m: None
+                     ) -> dict[str, tuple[int, ...]]:
     """--input-shape values, completed for a single input whose non-batch dims the model leaves symbolic:
     they take the size of the data's rows, the size it is scored and judged at, so that channel analysis
-    and MAC counts need no --input-shape there."""
+    and MAC counts need no --input-shape there. Rows of two sizes (--data and --eval-data) are refused:
+    one analysed size could not describe both."""
     shapes = dict(shapes or {})
     dims = input_dims(model, shapes)
     if len(dims) != 1:
         return shapes
     (name, d), = dims.items()
-    if name in shapes or None not in d[1:] or name not in ds.inputs:
+    rows = {tuple(ds.inputs[name].shape[1:]) for ds in datasets if ds is not None and name in ds.inputs}
+    if name in shapes or None not in d[1:] or not rows:
         return shapes
-    shapes[name] = (d[0] or 1, *ds.inputs[name].shape[1:])
+    if len(rows) > 1:
+        sizes = " and ".join("x".join(map(str, r)) for r in sorted(rows))
+        raise UsageError(f"input {name!r} leaves dims symbolic and the data's rows come in two sizes ({sizes}); "
+                         "give --data and --eval-data at one size")
+    shapes[name] = (d[0] or 1, *rows.pop())
     say(f"input {name!r}: symbolic dims set from the data's rows: {','.join(map(str, shapes[name]))} "
         "(--input-shape sets them)")
     return shapes
@@ -506,13 +516,13 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
                         f"({p.name} was read as a manifest for its {opts.path_column!r} column: pass --features to read it as a table)")
     c_axis, h_axis, w_axis = (1, 2, 3) if opts.layout == "NCHW" else (3, 1, 2)
     channels = spec.shape[c_axis]
-    h, w = spec.shape[h_axis], spec.shape[w_axis]
-    static = isinstance(h, int) and isinstance(w, int)
-    size = opts.size or ((h, w) if static else None)
-    if size is None:
+    fixed = tuple(d if isinstance(d, int) else None for d in (spec.shape[h_axis], spec.shape[w_axis]))
+    if opts.size is None and None in fixed:
         raise UsageError(f"the model's image size is symbolic; pass --image-size H,W or --input-shape {spec.name}=...")
-    if static and tuple(size) != (h, w):  # said before any image is read, not after as a shape mismatch
-        raise UsageError(f"--image-size {size[0]},{size[1]} differs from the {h}x{w} (H x W) that the model or "
+    size = opts.size or fixed
+    if any(f is not None and f != s for f, s in zip(fixed, size)):  # said before any image is read
+        shown = "x".join("?" if f is None else str(f) for f in fixed)
+        raise UsageError(f"--image-size {size[0]},{size[1]} differs from the {shown} (H x W) that the model or "
                          f"--input-shape fixes for {spec.name!r}; drop --image-size or make the two agree")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels if isinstance(channels, int) else 3)
     if mode is None:
@@ -536,12 +546,13 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     for rel in paths.astype(str):
         f = (p.parent / rel) if not Path(rel).is_absolute() else Path(rel)
         try:
-            with warnings.catch_warnings(), Image.open(f) as im:  # Pillow's notes on odd files are not ours to print
-                warnings.simplefilter("ignore")
-                if im.mode != mode:
-                    converted[im.mode] = converted.get(im.mode, 0) + 1
-                resized += im.size != (size[1], size[0])
-                arr = _pixels(im, mode, size, rel)
+            with warnings.catch_warnings():  # Pillow's notes on odd files are not the user's business
+                warnings.simplefilter("ignore", UserWarning)  # its decompression-bomb warning is a RuntimeWarning
+                with Image.open(f) as im:
+                    if im.mode != mode:
+                        converted[im.mode] = converted.get(im.mode, 0) + 1
+                    resized += im.size != (size[1], size[0])
+                    arr = _pixels(im, mode, size, rel)
         except DataError:
             raise
         except FileNotFoundError:
@@ -554,7 +565,7 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     if converted:
         notes.append(f"converted {sum(converted.values())} to {mode} (from {', '.join(sorted(converted))})")
     if resized and opts.size is None:  # an explicit --image-size asked for the resize
-        notes.append(f"resized {resized} to {size[0]}x{size[1]} (H x W, the model's input; set it with --image-size)")
+        notes.append(f"resized {resized} to {size[0]}x{size[1]} (H x W, the model's input)")
     if notes:
         warn_once(f"{p.name}: of {len(images)} images, {' and '.join(notes)}")
     x = np.stack(images)  # N, H, W, C

@@ -23,7 +23,7 @@ from onnxfair import __version__, settings
 from onnxfair.data import GroupedDataset, shapes_from_rows
 from onnxfair.errors import DataError, UsageError
 from onnxfair.head import several_outputs_note
-from onnxfair.runtime import collecting_warnings, warn_once
+from onnxfair.runtime import collecting_warnings, keeping_warnings, warn_once
 
 GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
@@ -313,7 +313,7 @@ def prune_model(
     """
     warnings: list[str] = []
     with collecting_warnings(warnings):
-        return _prune_model(model, calib, eval_ds, cfg, _collecting_warnings(progress, warnings), cache, warnings)
+        return _prune_model(model, calib, eval_ds, cfg, keeping_warnings(progress, warnings), cache, warnings)
 
 
 def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: GroupedDataset | None,
@@ -325,7 +325,8 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
 
     cfg.validate(has_data=calib is not None)
     if calib is not None:
-        cfg = dataclasses.replace(cfg, input_shapes=shapes_from_rows(model, cfg.input_shapes, calib, progress))
+        shapes = shapes_from_rows(model, cfg.input_shapes, [calib, eval_ds], progress)
+        cfg = dataclasses.replace(cfg, input_shapes=shapes)
     timer = _Timer(progress)
     fit, held, eval_source = _split_eval(calib, eval_ds, cfg)
     if (cfg.finetune_epochs or cfg.step_epochs) and fit is not None:  # before the scoring, not after
@@ -493,17 +494,6 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     from onnxfair.report import prune_markdown
 
     return PruneResult(pruned, report, prune_markdown(report))
-
-
-def _collecting_warnings(progress: Callable[[str], None], into: list[str]) -> Callable[[str], None]:
-    """`progress` that also keeps each "warning: ..." line: the report carries them, so a sweep (whose runs
-    print nothing) and a pipeline reading the JSON see what the terminal would have shown."""
-    def say(line: str) -> None:
-        if line.startswith("warning: ") and line[len("warning: "):] not in into:
-            into.append(line[len("warning: "):])
-        progress(line)
-
-    return say
 
 
 def _hint_on_a_large_drop(overall_delta: float, cfg: PruneConfig, model: onnx.ModelProto,

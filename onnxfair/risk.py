@@ -44,7 +44,7 @@ from onnxfair.interpret.module import batch_output, checked_output
 from onnxfair.metrics import SMALL_GROUP
 from onnxfair.model import FLOAT_TYPES
 from onnxfair.report import json_safe
-from onnxfair.runtime import warn_once
+from onnxfair.runtime import collecting_warnings, keeping_warnings, warn_once
 
 UNCERTAIN_LOW = 0.1
 UNCERTAIN_HIGH = 0.9
@@ -434,17 +434,22 @@ def risk_report(
     progress: Progress | None = None,
 ) -> dict:
     """End to end: the magnitude mask at cfg.sparsity, then its per-group risk (see assess_risk), with the
-    scored output named and any figure that overflowed as None (JSON has no NaN)."""
+    scored output named, the warnings given (a mask that misses the sparsity, say) and any figure that
+    overflowed as None (JSON has no NaN)."""
     cfg = cfg or RiskConfig()
     cfg.check()
-    say = progress or (lambda _m: None)
-    say(f"risk: {'structured' if cfg.structured else 'unstructured'} magnitude mask at sparsity {cfg.sparsity}")
-    note = several_outputs_note(model)
-    if note:
-        warn_once(note)
-    dense, masks = magnitude_masks(model, cfg, shapes_from_rows(model, input_shapes, ds, say), progress)
-    report = assess_risk(dense, ds, masks, cfg, progress)
-    return json_safe({**report, "output": scored_output(model)})
+    warnings: list[str] = []
+    with collecting_warnings(warnings):
+        say = keeping_warnings(progress or (lambda _m: None), warnings)
+        say(f"risk: {'structured' if cfg.structured else 'unstructured'} magnitude mask at sparsity {cfg.sparsity}")
+        note = several_outputs_note(model)
+        if note:
+            warn_once(note)
+        if cfg.structured and cfg.sparsity > 0:  # only the channel analysis needs static dims
+            input_shapes = shapes_from_rows(model, input_shapes, [ds], say)
+        dense, masks = magnitude_masks(model, cfg, input_shapes, say)
+        report = assess_risk(dense, ds, masks, cfg, progress)
+    return json_safe({**report, "output": scored_output(model), "warnings": warnings})
 
 
 def _refuse_nonfinite(mod, ds: GroupedDataset, batch_size: int, device) -> None:

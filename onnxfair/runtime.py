@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -40,6 +40,17 @@ def collecting_warnings(into: list[str]) -> Iterator[list[str]]:
         yield into
     finally:
         del _COLLECTORS[next(i for i, c in enumerate(_COLLECTORS) if c is into)]
+
+
+def keeping_warnings(progress: Callable[[str], None], into: list[str]) -> Callable[[str], None]:
+    """`progress` that also keeps each "warning: ..." line: the report carries them, so a sweep (whose runs
+    print nothing) and a pipeline reading the JSON see what the terminal would have shown."""
+    def say(line: str) -> None:
+        if line.startswith("warning: ") and line[len("warning: "):] not in into:
+            into.append(line[len("warning: "):])
+        progress(line)
+
+    return say
 
 
 def warn_once(message: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from onnxfair.errors import UsageError
 
-MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's generators both take
+MAX_SEED = 2**63 - 1  # within what torch.manual_seed and numpy's generators take (2**64 - 1), with room to spare
 
 
 def check_seed(value: int, option: str) -> None:

@@ -232,7 +232,8 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
 
 def written_by_a_sweep(path: Path) -> bool:
     """Whether a results file or plot in --out is a sweep's own, by the mark each carries: the JSON's
-    `onnxfair_sweep` key, the CSV's header, the report's title, the PNGs' Software text."""
+    `onnxfair_sweep` key, the CSV's header, the report's title, the PNGs' Software text (matplotlib's, on
+    plots written before onnxfair marked its own, beside a sweep's results.json)."""
     try:
         if path.suffix == ".json":
             doc = json.loads(path.read_text())
@@ -244,7 +245,10 @@ def written_by_a_sweep(path: Path) -> bool:
         return head.startswith(b"run_id,method,")
     if path.suffix == ".html":
         return b"<title>onnxfair sweep</title>" in head
-    return b"tEXtSoftware\x00onnxfair " in head
+    if b"tEXtSoftware\x00onnxfair " in head:
+        return True
+    # a plot of a sweep from before the mark: matplotlib's own tag, beside that sweep's results.json
+    return b"tEXtSoftware\x00Matplotlib" in head and written_by_a_sweep(path.with_name("results.json"))
 
 
 def output_files(plan: SweepPlan, runs: Sequence[Run] | None = None) -> list[Path]:

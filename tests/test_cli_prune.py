@@ -652,6 +652,12 @@ def test_symbolic_image_dims_are_taken_from_the_data_when_input_shape_is_not_giv
         weights.append(initializer_arrays(onnx.load(out)))
         said.append("input 'x': symbolic dims set from the data's rows: 1,3,8,6" in r.stderr)
     assert said == [True, False]
+    big = np.random.default_rng(1).normal(size=(20, 3, 10, 10)).astype(np.float32)
+    np.savez(tmp_path / "e.npz", x=big, y=ort_run(m, {"x": big})[0].argmax(1), g=np.array(["a", "b"] * 10))
+    r = run("prune", tmp_path / "fcn.onnx", "--data", tmp_path / "d.npz", "--eval-data", tmp_path / "e.npz", "--groups",
+            "g", "--method", "magnitude", "--sparsity", "0.5", "--no-latency", "-o", tmp_path / "two.onnx")
+    assert r.exit_code == 2 and not (tmp_path / "two.onnx").exists()  # before: onnxruntime's error, after scoring
+    assert "the data's rows come in two sizes (3x8x6 and 3x10x10); give --data and --eval-data at one size" in r.stderr
     implicit, explicit = reports
     assert implicit["method"]["input_shapes"] == explicit["method"]["input_shapes"] == {"x": [1, 3, 8, 6]}
     assert implicit["cost"] == explicit["cost"] and implicit["cost"]["macs_dense"] == 8 * 6 * (3 * 8 * 9 + 8 * 8 * 9) + 24

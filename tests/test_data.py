@@ -109,8 +109,9 @@ def test_a_manifest_takes_its_image_size_from_input_shape_and_a_clash_is_named_b
     with pytest.raises(UsageError, match=r"symbolic; pass --image-size H,W or --input-shape x="):
         load_dataset(tmp_path / "m.csv", dynamic, "tone")
     (tmp_path / "im3.png").unlink()  # the clash must be named before any image is read
-    for m, shapes in ((model(6, 5), None), (dynamic, {"x": (1, 3, 6, 5)})):
-        with pytest.raises(UsageError, match=r"--image-size 8,8 differs from the 6x5 \(H x W\) that the model or "
+    for m, shapes, shown in ((model(6, 5), None, "6x5"), (dynamic, {"x": (1, 3, 6, 5)}, "6x5"),
+                             (model("H", 5), None, r"\?x5")):
+        with pytest.raises(UsageError, match=rf"--image-size 8,8 differs from the {shown} \(H x W\) that the model or "
                                              r"--input-shape fixes for 'x'; drop --image-size"):
             load_dataset(tmp_path / "m.csv", m, "tone", image=ImageOptions(size=(8, 8)), input_shapes=shapes)
 
@@ -352,6 +353,9 @@ def test_a_column_vector_label_is_taken_and_one_hot_labels_get_the_fix(tmp_path)
     np.savez(tmp_path / "hot.npz", x=x, y=np.eye(3)[[0, 1, 2, 0]], g=np.array(list("abab")))
     with pytest.raises(DataError, match=r"one row of 3 values per sample; .*save y.argmax\(1\)"):
         load_dataset(tmp_path / "hot.npz", _model(), "g")
+    np.savez(tmp_path / "row.npz", x=x, y=np.array([[0, 1, 2, 0]]), g=np.array(list("abab")))
+    with pytest.raises(DataError, match=r"one row holding every sample's label; .*save y.ravel\(\)"):
+        load_dataset(tmp_path / "row.npz", _model(), "g")
 
 
 def test_pillows_own_warnings_on_odd_images_stay_off_stderr(tmp_path, recwarn):

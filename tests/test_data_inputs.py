@@ -121,7 +121,7 @@ def test_converted_and_resized_images_are_counted_in_one_notice(tmp_path, capsys
     ds = load_dataset(m, _image_model(tmp_path), "tone")
     err = capsys.readouterr().err
     assert err == ("warning: mixed_notice.csv: of 4 images, converted 2 to RGB (from L, RGBA) and resized 1 to 6x5 "
-                   "(H x W, the model's input; set it with --image-size)\n")
+                   "(H x W, the model's input)\n")
     x = ds.inputs["x"].transpose(0, 2, 3, 1) * 255
     np.testing.assert_allclose(x[0], np.repeat(gray[..., None], 3, axis=2), atol=1e-3)  # grey copied to R, G, B
     np.testing.assert_allclose(x[1], rgba[..., :3], atol=1e-3)

@@ -374,13 +374,14 @@ def test_risk_warns_as_prune_does_when_its_mask_misses_the_sparsity_or_round_to_
 
     m = load_model(FIXTURES / "adult_mlp.onnx")
     ds = load_dataset(FIXTURES / "adult_calib.npz", m, "race").subset(np.arange(300))
-    for extra, note in (({"sparsity": 0.99}, "warning: 0.875 of the channels removed, not 0.99: every group keeps "
+    for extra, note in (({"sparsity": 0.99}, "0.875 of the channels removed, not 0.99: every group keeps "
                                               "at least one block of --round-to 8 (2 at it)"),
-                        ({"sparsity": 0.5, "round_to": 100}, "warning: --round-to 100 is not below the size of 2 of "
+                        ({"sparsity": 0.5, "round_to": 100}, "--round-to 100 is not below the size of 2 of "
                                                              "the 2 channel groups (64 channels)")):
         said = []
-        risk_report(m, ds, RiskConfig(hutchinson_samples=0, **extra), progress=said.append)
-        assert any(line.startswith(note) for line in said), said
+        rep = risk_report(m, ds, RiskConfig(hutchinson_samples=0, **extra), progress=said.append)
+        assert any(line.startswith("warning: " + note) for line in said), said
+        assert len(rep["warnings"]) == 1 and rep["warnings"][0].startswith(note)  # the JSON carries it too
     said = []
-    risk_report(m, ds, RiskConfig(hutchinson_samples=0, sparsity=0.5), progress=said.append)
-    assert not any(line.startswith("warning") for line in said)
+    rep = risk_report(m, ds, RiskConfig(hutchinson_samples=0, sparsity=0.5), progress=said.append)
+    assert not any(line.startswith("warning") for line in said) and rep["warnings"] == []

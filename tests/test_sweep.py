@@ -417,9 +417,16 @@ def test_a_results_file_or_plot_no_sweep_wrote_is_never_replaced(mlp, tmp_path, 
         assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0, r.output
         assert f"holds {name}, which no onnxfair sweep wrote" in r.stderr and (out / name).read_text() == text
         (out / name).write_bytes(ours[name])  # a sweep's own file: replaced as before
+    from matplotlib.figure import Figure  # a plot as sweeps wrote it before the onnxfair mark: matplotlib's tag
+
+    Figure().savefig(out / "pareto.png", format="png")
     calls = len(counting.calls)
     r = run(*sweep_args(mlp, out, "--no-latency"))
     assert r.exit_code == 0 and len(counting.calls) == calls + 3 and "removed the earlier results" in r.stderr
+    Figure().savefig(out / "pareto.png", format="png")
+    (out / "results.json").unlink()  # without a sweep's results.json beside it, not the sweep's
+    r = run(*sweep_args(mlp, out, "--no-latency"))
+    assert r.exit_code == 2 and "holds pareto.png, which no onnxfair sweep wrote" in r.stderr
 
 
 def test_json_into_the_new_out_folder(mlp, tmp_path, counting):
@@ -431,7 +438,9 @@ def test_json_into_the_new_out_folder(mlp, tmp_path, counting):
     assert f"--json {out / 'results.csv'} is inside --out {out}" in r.stderr and not out.exists()
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out))  # before: refused after every run
     assert r.exit_code == 2 and r.stderr.strip().count("\n") == 0 and not counting.calls
-    assert f"--json {out} is the --out folder; give a file path" in r.stderr and not out.exists()
+    assert f"--json {out} is the --out folder or a folder above it; give a file path" in r.stderr and not out.exists()
+    r = run(*sweep_args(mlp, out / "inner", "--no-plots", "--no-latency", "--json", out))
+    assert r.exit_code == 2 and "a folder above it" in r.stderr and not out.exists() and not counting.calls
     r = run(*sweep_args(mlp, out, "--no-plots", "--no-latency", "--json", out / "results.json"))
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
