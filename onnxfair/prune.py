@@ -321,7 +321,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                  warnings: list[str]) -> PruneResult:
     from onnxfair.evaluate import evaluate_models
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
-    from onnxfair.graph.cost import uncounted_note
+    from onnxfair.graph.cost import nonzero_params, uncounted_note
 
     cfg.validate(has_data=calib is not None)
     if calib is not None:
@@ -449,8 +449,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         if note:
             progress(f"warning: {note}")
         if not cfg.structured:
-            nonzero = cp.params - structure["weights"]["zeroed"]
-            cost["params_nonzero_pruned"] = int(nonzero)
+            cost["params_nonzero_pruned"] = nonzero_params(pruned)
         if cfg.target_macs is not None and cost["macs_ratio"] < 0.9 * cfg.target_macs:  # 10 % under the budget
             fix = ("a smaller --round-to fits more closely" if cfg.round_to > 1
                    else "--scope layer takes the same fraction from every group, which fits differently")

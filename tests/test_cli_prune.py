@@ -767,6 +767,13 @@ def test_repruning_counts_the_zeros_in_the_written_weights(tmp_path):
         assert d["kept"] == int(np.count_nonzero(arrays[n]))
     assert rep["cost"]["params_nonzero_pruned"] == rep["cost"]["params_pruned"] - zeros
     assert "already had" in r.stderr
+    # zeros in a weight the run leaves alone count too (before: only the pruned layers' zeros were subtracted)
+    kept_alone = next(iter(layers))
+    r = run("prune", first, "--data", CAL, "--groups", "race", "--method", "magnitude", "--unstructured",
+            "--sparsity", "0.3", "--ignore", kept_alone, "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    nonzero = sum(int(np.count_nonzero(a)) for a in initializer_arrays(onnx.load(out)).values())
+    assert json.loads(r.stdout)["cost"]["params_nonzero_pruned"] == nonzero
 
 
 def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):

@@ -12,7 +12,7 @@ from math import prod
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxfair.graph import shapes as shp
 from onnxfair.graph.fold import fold_constants
@@ -134,6 +134,15 @@ def cost_and_node_macs(model: onnx.ModelProto,
     cost = Cost(macs=int(per_index.sum()), params=int(sum(float_inits.values())), bytes=int(model.ByteSize()),
                 per_node=rows, unknown=unknown, batch=max(int(batch) or 1, pinned))
     return cost, per_index
+
+
+def nonzero_params(model: onnx.ModelProto) -> int:
+    """Nonzero elements of the floating-point parameters that model_cost counts (Constant-held weights and
+    sparse initializers included): zeros anywhere, not only in the layers a run pruned, count as zero."""
+    g = fold_constants(model).graph
+    tensors = [i for i in g.initializer if i.data_type in FLOAT_TYPES]
+    tensors += [sp.values for sp in g.sparse_initializer if sp.values.data_type in FLOAT_TYPES]
+    return int(sum(np.count_nonzero(numpy_helper.to_array(t)) for t in tensors))
 
 
 def _pinned_batch(folded: onnx.ModelProto, dims: dict[str, shp.Dims]) -> int:
