@@ -322,6 +322,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     from onnxfair.evaluate import evaluate_models
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
     from onnxfair.graph.cost import nonzero_params, uncounted_note
+    from onnxfair.graph.fold import constant_weights_to_initializers
 
     cfg.validate(has_data=calib is not None)
     if calib is not None:
@@ -366,6 +367,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         else:
             an = None
             dense = to_dense_storage(model) if model.graph.sparse_initializer else model  # a --sparse-storage output
+            dense = constant_weights_to_initializers(dense, WEIGHT_OPS)  # pruned like any other weight
             units = weight_names(dense)
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")

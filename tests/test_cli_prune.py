@@ -776,6 +776,32 @@ def test_repruning_counts_the_zeros_in_the_written_weights(tmp_path):
     assert json.loads(r.stdout)["cost"]["params_nonzero_pruned"] == nonzero
 
 
+def test_unstructured_prunes_a_weight_held_in_a_constant_node_as_its_initializer_twin(tmp_path):
+    """Before: a Gemm weight held in a Constant node was silently left dense (layers listed only the
+    initializers), or, with every weight so held, the run was refused. Now the result equals pruning the
+    same model with that weight as an initializer."""
+    m = onnx.load(MLP)
+    init = next(i for i in m.graph.initializer if i.name == "fc2.weight")
+    const = helper.make_node("Constant", [], ["fc2.weight"], value=init)
+    m.graph.initializer.remove(init)
+    m.graph.node.insert(0, const)
+    onnx.save(m, tmp_path / "const.onnx")
+    args = ["--data", CAL, "--eval-data", EVAL, "--groups", "race", "--method", "magnitude", "--unstructured",
+            "--sparsity", "0.7", "--no-latency", "--json", "-"]
+    reports = []
+    for src, out in ((MLP, "ref.onnx"), (tmp_path / "const.onnx", "c.onnx")):
+        r = run("prune", src, *args, "-o", tmp_path / out)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+    ref, got = reports
+    assert [d["name"] for d in got["structure"]["layers"]] == [d["name"] for d in ref["structure"]["layers"]]
+    assert got["structure"]["weights"] == ref["structure"]["weights"] and got["pruned"] == ref["pruned"]
+    a, b = initializer_arrays(onnx.load(tmp_path / "ref.onnx")), initializer_arrays(onnx.load(tmp_path / "c.onnx"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):
     """A model with two outputs is warned about through warn_once; the report keeps the line every time."""
     m = onnx.load(MLP)

@@ -188,6 +188,29 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def constant_weights_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> onnx.ModelProto:
+    """Copy in which the float weights (input 1, 2-D or more) of `ops` nodes that a Constant node holds are
+    initializers of the same name, so unstructured pruning can zero them as it zeros any initializer; the
+    copy computes the same. The model itself when there are none."""
+    g = model.graph
+    producers = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
+    moved: dict[str, np.ndarray] = {}
+    for node in g.node:
+        if node.op_type in ops and len(node.input) > 1 and node.input[1] in producers:
+            value = constant_value(producers[node.input[1]])
+            if value is not None and value.dtype.kind == "f" and value.ndim >= 2:
+                moved[node.input[1]] = value
+    if not moved:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    kept = [n for n in m.graph.node if not (n.op_type == "Constant" and n.output and n.output[0] in moved)]
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    m.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in moved.items())
+    return m
+
+
 def remove_unused_initializers(model: onnx.ModelProto) -> None:
     """Drop initializers nothing reads (after folding or pruning), in place."""
     g = model.graph
