@@ -9,8 +9,8 @@ from cli.outputs import check_outputs
 from onnxfair.errors import UnsupportedError, UsageError
 from onnxfair.graph.cost import uncounted_note
 from onnxfair.inspect import inspect_model
-from onnxfair.settings import check_seed
 from onnxfair.prune import unmatched_patterns, unmatched_warning
+from onnxfair.settings import check_seed
 
 
 def _format(rep: dict) -> str:

@@ -549,6 +549,7 @@ def kept_channels(groups, keep: dict[int, np.ndarray]) -> list[dict]:
 
 
 def channel_counts(groups: list[dict]) -> dict:
+    """The report's `structure.channels`: prunable, removed and their ratio, from kept_channels' rows."""
     total = sum(g["channels"] for g in groups)
     removed = total - sum(g["kept"] for g in groups)
     return {"prunable": total, "removed": removed, "sparsity": removed / max(total, 1)}
