@@ -323,6 +323,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
     from onnxfair.graph.cost import nonzero_params, uncounted_note
     from onnxfair.graph.fold import constant_weights_to_initializers
+    from onnxfair.graph.shapes import restore_initializer_inputs
 
     cfg.validate(has_data=calib is not None)
     if calib is not None:
@@ -395,7 +396,8 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
 
     with timer("rewrite"):
         if cfg.structured:
-            pruned = prune_channels(dataclasses.replace(an, model=dense_for_rewrite), keep)
+            pruned = restore_initializer_inputs(prune_channels(dataclasses.replace(an, model=dense_for_rewrite), keep),
+                                                model)
             if cfg.input_shapes:
                 from onnxfair.graph.shapes import restore_symbolic_io
 

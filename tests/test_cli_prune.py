@@ -802,6 +802,33 @@ def test_unstructured_prunes_a_weight_held_in_a_constant_node_as_its_initializer
         np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.parametrize("ir, opset", [(3, 7), (8, 17)])
+def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewrite(tmp_path, ir, opset):
+    """Before: the rewrite dropped them from the graph inputs, so an IR 3 output failed the checker (every
+    initializer must be an input there) and its MACs were counted short (4,320 for 6,336), since shape
+    inference skips an initializer that is not an input; at IR 8 the model's interface changed."""
+    m = onnx.load(MLP)
+    m.ir_version, m.opset_import[0].version = ir, opset
+    m.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in m.graph.initializer)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, tmp_path / "listed.onnx")
+    reports = []
+    for src, out in ((MLP, "ref.onnx"), (tmp_path / "listed.onnx", "p.onnx")):
+        r = run("prune", src, "--data", CAL, "--eval-data", EVAL, "--groups", "race", "--method", "magnitude",
+                "--sparsity", "0.3", "--no-latency", "-o", tmp_path / out, "--json", "-")
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+    pruned = onnx.load(tmp_path / "p.onnx")
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruned.ir_version == ir
+    inits = {i.name: list(i.dims) for i in pruned.graph.initializer}
+    listed = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in pruned.graph.input[1:]}
+    assert listed == inits and pruned.graph.input[0].name == "x"
+    ref, got = reports
+    assert got["cost"]["macs_pruned"] == ref["cost"]["macs_pruned"] and got["cost"]["macs_uncounted"] == []
+    assert got["pruned"] == ref["pruned"]
+
+
 def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):
     """A model with two outputs is warned about through warn_once; the report keeps the line every time."""
     m = onnx.load(MLP)

@@ -92,6 +92,23 @@ def restore_symbolic_io(model: onnx.ModelProto, original: onnx.ModelProto) -> on
     return infer(m)
 
 
+def restore_initializer_inputs(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the initializers that `original` lists as graph inputs listed again, at their new shapes
+    (below IR 4, every initializer). IR < 4 requires the listing (the checker rejects a model without it,
+    and shape inference ignores an initializer that is not an input); at any IR it is the model's
+    interface, kept as it was."""
+    inits = {i.name: i for i in model.graph.initializer}
+    listed = list(inits) if model.ir_version < 4 else [vi.name for vi in original.graph.input]  # IR 3: every one
+    present = {vi.name for vi in model.graph.input}
+    wanted = [name for name in listed if name in inits and name not in present]
+    if not wanted:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.input.extend(helper.make_tensor_value_info(n, inits[n].data_type, list(inits[n].dims)) for n in wanted)
+    return m
+
+
 def static_dims(model: onnx.ModelProto) -> dict[str, Dims]:
     """Dims of a model whose inputs are fully static, through Shape-computed Reshapes.
 
