@@ -371,7 +371,8 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             dense = constant_weights_to_initializers(dense, WEIGHT_OPS)  # pruned like any other weight
             units = weight_names(dense)
             if not units:
-                raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
+                raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "
+                                 "computed at run time, through a Cast say, is pruned with --structured only)")
             if cfg.ignore:
                 ignored = ignored_initializers(model, cfg.ignore)
                 units = [u for u in units if u not in ignored]
@@ -398,6 +399,9 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         if cfg.structured:
             pruned = restore_initializer_inputs(prune_channels(dataclasses.replace(an, model=dense_for_rewrite), keep),
                                                 model)
+            note = cast_weights_note(model, pruned)
+            if note:
+                progress(note)
             if cfg.input_shapes:
                 from onnxfair.graph.shapes import restore_symbolic_io
 
@@ -431,8 +435,13 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
 
                 pruned = to_sparse_storage(pruned)
                 if not pruned.graph.sparse_initializer:
-                    progress("note: --sparse-storage stored no weight sparse: below about 2/3 zeros (4-byte values) "
-                             "a weight's values plus int64 indices take more room than the dense tensor")
+                    from onnx import helper
+
+                    sizes = sorted({np.dtype(helper.tensor_dtype_to_np_dtype(i.data_type)).itemsize
+                                    for i in pruned.graph.initializer if i.name in set(units)})
+                    need = ", ".join(f"{1 - k / (k + 8):.0%} zeros for {k}-byte values" for k in sizes)
+                    progress(f"note: --sparse-storage stored no weight sparse: a weight's values plus int64 indices "
+                             f"take less room than the dense tensor only above {need}")
             structure["note"] = (
                 "unstructured zeros reduce file size only when stored sparse or compressed; "
                 "onnxruntime gains no latency from zeros"
@@ -531,6 +540,26 @@ def _zeros_by_initializer(model: onnx.ModelProto, names) -> dict[str, int]:
     wanted = set(names)
     return {i.name: int(i_arr.size - np.count_nonzero(i_arr))
             for i in model.graph.initializer if i.name in wanted for i_arr in [numpy_helper.to_array(i)]}
+
+
+def cast_weights_note(model: onnx.ModelProto, pruned: onnx.ModelProto) -> str | None:
+    """The warning when the structured output stores weights in a float type the input never stored:
+    weights kept as float16 and Cast up at run time are folded (the rewrite slices initializers) and
+    written in the type they are computed in, which can make the file larger, not smaller."""
+    from onnx import helper
+
+    from onnxfair.model import FLOAT_TYPES
+
+    def types(m: onnx.ModelProto) -> set[int]:
+        return {i.data_type for i in m.graph.initializer if i.data_type in FLOAT_TYPES}
+
+    new = types(pruned) - types(model)
+    if not new or not types(model):
+        return None
+    name = lambda t: np.dtype(helper.tensor_dtype_to_np_dtype(t)).name  # noqa: E731
+    return (f"warning: weights the input stores as {', '.join(sorted(map(name, types(model))))} and casts at run "
+            f"time are written as {', '.join(sorted(map(name, new)))}: the channel rewrite folds such Casts to "
+            "slice the weights, so the file may grow")
 
 
 def round_to_note(groups, round_to: int) -> str | None:

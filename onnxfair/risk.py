@@ -202,7 +202,8 @@ def magnitude_masks(
         dense = constant_weights_to_initializers(model, WEIGHT_OPS)  # as prune masks them
         names = weight_names(dense)
         if not names:
-            raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers")
+            raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "
+                                 "computed at run time, through a Cast say, is pruned with --structured only)")
         scores = compute_scores("magnitude", OnnxModule(dense), weights=names, device="cpu", progress=say)
         masks = select_weights(scores, cfg.sparsity, scope=cfg.scope)
     return dense, {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}

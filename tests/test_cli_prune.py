@@ -829,6 +829,33 @@ def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewr
     assert got["pruned"] == ref["pruned"]
 
 
+def test_float16_weights_behind_casts_written_as_float32_are_said(tmp_path):
+    """Before: the structured rewrite folded Cast(float16 weight) and wrote float32 weights without a word,
+    the file growing though 30 % of the channels were removed; unstructured said only 'no weight
+    initializers', with no hint that --structured prunes such a model."""
+    m = onnx.load(MLP)
+    casts = []
+    for init in m.graph.initializer:
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name + "_fp16"))
+        casts.append(helper.make_node("Cast", [name + "_fp16"], [name], to=TensorProto.FLOAT))
+    for c in reversed(casts):
+        m.graph.node.insert(0, c)
+    onnx.save(m, tmp_path / "castw.onnx")
+    r = run("prune", tmp_path / "castw.onnx", "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity",
+            "0.3", "--no-latency", "-o", tmp_path / "s.onnx", "--json", "-")
+    assert r.exit_code == 0, r.output
+    said = ("weights the input stores as float16 and casts at run time are written as float32: the channel rewrite "
+            "folds such Casts")
+    assert f"warning: {said}" in r.stderr and any(w.startswith(said) for w in json.loads(r.stdout)["warnings"])
+    assert {i.data_type for i in onnx.load(tmp_path / "s.onnx").graph.initializer} == {TensorProto.FLOAT}
+    assert "is pruned with --structured only" in _error(["prune", tmp_path / "castw.onnx", "--method", "magnitude",
+                                                         "--unstructured", "--sparsity", "0.5", "-o", tmp_path / "u.onnx"])
+    r = run("prune", MLP, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.3",
+            "--no-latency", "-o", tmp_path / "plain.onnx")
+    assert r.exit_code == 0 and "casts at run time" not in r.stderr
+
+
 def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):
     """A model with two outputs is warned about through warn_once; the report keeps the line every time."""
     m = onnx.load(MLP)
