@@ -109,15 +109,31 @@ def predict_probs(mod, ds: GroupedDataset, batch_size: int = 256) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
 
 
+_WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
+                   "InstanceNormalization", "GroupNormalization"}
+
+
 def statistics_names(model) -> set[str]:
-    """BatchNormalization mean/variance initializers: running statistics, never trained by gradient."""
+    """Initializers weight updates must leave alone: BatchNormalization's running statistics, and the
+    constants that define the function rather than fit the data: Pow exponents, Clip bounds, and scalars
+    that no weight or normalisation op reads (GELU's sqrt(2) and 0.5, an attention scale). Trained, such a
+    constant turns ReLU6 into a leaky ReLU, or a squared term's exponent a NaN gradient."""
     names: set[str] = set()
     if model is None:
         return names
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+    graph = model.graph
+    weights = {x for n in graph.node if n.op_type in _WEIGHT_READERS for x in n.input[:3]}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "BatchNormalization":
             names.update(node.input[3:5])
-    return names
+        elif node.op_type == "Pow":
+            names.update(node.input[1:2])
+        elif node.op_type == "Clip":
+            names.update(node.input[1:3])
+    names.update(i.name for i in graph.initializer if int(np.prod(i.dims)) <= 1 and i.name not in weights)
+    return names - {""}
 
 
 def module_model(mod):

@@ -856,6 +856,31 @@ def test_float16_weights_behind_casts_written_as_float32_are_said(tmp_path):
     assert r.exit_code == 0 and "casts at run time" not in r.stderr
 
 
+def test_fine_tuning_leaves_the_constants_that_define_activations_alone(tmp_path):
+    """Before: every float initializer was trained, so ReLU6's Clip bounds moved (negatives passed through)
+    and a Pow exponent got log(negative) = NaN gradients. Clip bounds, Pow exponents and scalars no weight op
+    reads stay as they were; the weights still train."""
+    m = onnx.load(MLP)
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    clip = helper.make_node("Clip", [relu.input[0], "lo", "hi"], ["clipped"])
+    square = helper.make_node("Pow", ["clipped", "two"], ["sq"])
+    half = helper.make_node("Mul", ["sq", "half"], [relu.output[0]])
+    at = list(m.graph.node).index(relu)
+    m.graph.node.remove(relu)
+    for k, n in enumerate((clip, square, half)):
+        m.graph.node.insert(at + k, n)
+    m.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), name)
+                               for name, v in (("lo", 0.0), ("hi", 6.0), ("two", 2.0), ("half", 0.5)))
+    onnx.save(m, tmp_path / "act.onnx")
+    r = run("prune", tmp_path / "act.onnx", "--data", CAL, "--groups", "race", "--method", "magnitude", "--unstructured",
+            "--sparsity", "0.3", "--finetune-epochs", "2", "--no-latency", "-o", tmp_path / "p.onnx")
+    assert r.exit_code == 0 and "diverged" not in r.stderr, r.output
+    before, after = initializer_arrays(m), initializer_arrays(onnx.load(tmp_path / "p.onnx"))
+    for name in ("lo", "hi", "two", "half"):
+        assert after[name] == before[name], name
+    assert "fine-tune epoch 2: train loss" in r.stderr  # both epochs trained, none diverged
+
+
 def test_warnings_printed_once_per_process_are_in_the_report(tmp_path):
     """A model with two outputs is warned about through warn_once; the report keeps the line every time."""
     m = onnx.load(MLP)
