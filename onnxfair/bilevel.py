@@ -81,7 +81,7 @@ from onnxfair.finetune import (
     group_means,
     model_device,
     predict_probs,
-    statistics_names,
+    untrainable_names,
     validation_stats,
     module_model,
 )
@@ -368,7 +368,7 @@ def bilevel_prune(
 
     _, first_masks = hard_masks(scores)
     masked_names = list(first_masks)
-    frozen = statistics_names(model if model is not None else module_model(mod))
+    frozen = untrainable_names(model if model is not None else module_model(mod))
     wnames = [n for n, p in params.items() if n not in frozen and n not in fixed_weights and p.is_floating_point()]
     # the stored (unmasked) values of masked parameters, float32 at least (float16 sums and steps lose
     # too much); the module's own hold the masked values each step

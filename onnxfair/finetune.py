@@ -113,7 +113,7 @@ _WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalizatio
                    "InstanceNormalization", "GroupNormalization"}
 
 
-def statistics_names(model) -> set[str]:
+def untrainable_names(model) -> set[str]:
     """Initializers weight updates must leave alone: BatchNormalization's running statistics, and the
     constants that define the function rather than fit the data: Pow exponents, Clip bounds, and scalars
     that no weight or normalisation op reads (GELU's sqrt(2) and 0.5, an attention scale). Trained, such a
@@ -466,7 +466,7 @@ def finetune(
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    frozen = statistics_names(model if model is not None else module_model(mod))
+    frozen = untrainable_names(model if model is not None else module_model(mod))
     names = [n for n in (trainable if trainable is not None else mod.params) if n not in frozen]
     for n in names:
         if n not in mod.params:
