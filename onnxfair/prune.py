@@ -271,13 +271,20 @@ def versions() -> dict[str, str]:
 
 
 def weight_names(model: onnx.ModelProto) -> list[str]:
-    """Initializers that unstructured pruning may zero: the weight input of Conv/ConvTranspose/Gemm/MatMul."""
+    """Initializers that unstructured pruning may zero: the weight of Conv/ConvTranspose/Gemm/MatMul, 2-D or
+    more, on whichever side of a MatMul it sits (`weight_operand`)."""
+    from onnxfair.graph.fold import weight_operand
+
     inits = {i.name: i for i in model.graph.initializer}
+
+    def is_weight(name: str) -> bool:
+        return name in inits and len(inits[name].dims) >= 2
+
     names: list[str] = []
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
-            if node.input[1] not in names and len(inits[node.input[1]].dims) >= 2:
-                names.append(node.input[1])
+        name = weight_operand(node, is_weight) if node.op_type in WEIGHT_OPS else None
+        if name is not None and name not in names:
+            names.append(name)
     return names
 
 

@@ -802,6 +802,38 @@ def test_unstructured_prunes_a_weight_held_in_a_constant_node_as_its_initializer
         np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.parametrize("op", ["MatMul", "Gemm"])
+def test_unstructured_prunes_a_weight_on_the_left_of_its_matmul_as_on_the_right(tmp_path, op):
+    """Before: only input 1 was taken for a weight, so `W @ x` (the layer written column-wise) stayed dense
+    without a word while the report's sparsity counted the other layers only. Now that weight is zeroed
+    exactly where the same layer written `x @ W.T` is."""
+    m = onnx.load(MLP)
+    i = next(k for k, n in enumerate(m.graph.node) if n.input[1:2] == ["fc2.weight"])
+    left = [helper.make_node("Transpose", ["relu"], ["relu_t"], perm=[1, 0]),
+            helper.make_node(op, ["fc2.weight", "relu_t"], ["fc2_t"]),
+            helper.make_node("Transpose", ["fc2_t"], ["fc2_out"], perm=[1, 0]),
+            helper.make_node("Add", ["fc2_out", "fc2.bias"], ["linear_1"])]
+    del m.graph.node[i]
+    for k, node in enumerate(left):
+        m.graph.node.insert(i + k, node)
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, tmp_path / "left.onnx")
+    args = ["--data", CAL, "--eval-data", EVAL, "--groups", "race", "--method", "magnitude", "--unstructured",
+            "--sparsity", "0.7", "--no-latency", "--json", "-"]
+    reports = []
+    for src, out in ((MLP, "ref.onnx"), (tmp_path / "left.onnx", "l.onnx")):
+        r = run("prune", src, *args, "-o", tmp_path / out)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+    ref, got = reports
+    assert [d["name"] for d in got["structure"]["layers"]] == [d["name"] for d in ref["structure"]["layers"]]
+    assert got["structure"]["weights"] == ref["structure"]["weights"]
+    assert got["pruned"]["overall"] == pytest.approx(ref["pruned"]["overall"], abs=1e-9)
+    a, b = initializer_arrays(onnx.load(tmp_path / "ref.onnx")), initializer_arrays(onnx.load(tmp_path / "l.onnx"))
+    assert (b["fc2.weight"] == 0).mean() > 0.5
+    np.testing.assert_array_equal(a["fc2.weight"], b["fc2.weight"])
+
+
 @pytest.mark.parametrize("ir, opset", [(3, 7), (8, 17)])
 def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewrite(tmp_path, ir, opset):
     """Before: the rewrite dropped them from the graph inputs, so an IR 3 output failed the checker (every

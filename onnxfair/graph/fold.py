@@ -188,18 +188,31 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def weight_operand(node: onnx.NodeProto, is_weight) -> str | None:
+    """The input of a Conv/ConvTranspose/Gemm/MatMul node that holds its weight: input 1, or for Gemm and
+    MatMul input 0 when only that one is a weight (`W @ x`), so a weight on either side is pruned. `is_weight`
+    says whether a value name is a candidate weight. None when neither is."""
+    if len(node.input) > 1 and is_weight(node.input[1]):
+        return node.input[1]
+    if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[0] and is_weight(node.input[0]):
+        return node.input[0]
+    return None
+
+
 def constant_weights_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> onnx.ModelProto:
-    """Copy in which the float weights (input 1, 2-D or more) of `ops` nodes that a Constant node holds are
-    initializers of the same name, so unstructured pruning can zero them as it zeros any initializer; the
-    copy computes the same. The model itself when there are none."""
+    """Copy in which the float weights (see `weight_operand`, 2-D or more) of `ops` nodes that a Constant
+    node holds are initializers of the same name, so unstructured pruning can zero them as it zeros any
+    initializer; the copy computes the same. The model itself when there are none."""
     g = model.graph
     producers = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
+    values = {name: constant_value(node) for name, node in producers.items()}
+    floats = {name: v for name, v in values.items() if v is not None and v.dtype.kind == "f" and v.ndim >= 2}
     moved: dict[str, np.ndarray] = {}
     for node in g.node:
-        if node.op_type in ops and len(node.input) > 1 and node.input[1] in producers:
-            value = constant_value(producers[node.input[1]])
-            if value is not None and value.dtype.kind == "f" and value.ndim >= 2:
-                moved[node.input[1]] = value
+        if node.op_type in ops:
+            name = weight_operand(node, floats.__contains__)
+            if name is not None:
+                moved[name] = floats[name]
     if not moved:
         return model
     m = onnx.ModelProto()
