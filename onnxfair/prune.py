@@ -194,6 +194,22 @@ class DenseCache:
         return self.values[key]
 
 
+def _check_runtime_loads(model: onnx.ModelProto, cfg: PruneConfig) -> bool:
+    """Raise, before any scoring, when onnxruntime cannot load the input model, since the before/after
+    evaluation would fail only after the work was done."""
+    from onnxfair.errors import ModelError
+    from onnxfair.runtime import create_session
+
+    try:
+        create_session(model, cfg.device, cfg.input_shapes or None, cfg.threads)
+    except ModelError as exc:
+        doubles = any(i.data_type == onnx.TensorProto.DOUBLE for i in model.graph.initializer)
+        fix = ("; export it in float32: onnxruntime's CPU provider lacks float64 kernels for Conv and other ops"
+               if doubles and "Could not find an implementation" in str(exc) else "")
+        raise ModelError(f"{exc} (the before/after evaluation runs it there); nothing was pruned{fix}") from None
+    return True
+
+
 def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     """The error for a graph without prunable channel groups: the ops nothing can interpret when the graph
     has any (unstructured pruning would stop on them too), else why the channels are frozen."""
@@ -353,6 +369,9 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
 
     with timer("analyse"):
+        if held is not None:  # the evaluation runs the input in onnxruntime: a model it cannot load is told now
+            cache_get = cache.get if cache is not None else (lambda _key, compute: compute())
+            cache_get(("loads", cfg.device, shapes_key, cfg.threads), lambda: _check_runtime_loads(model, cfg))
         note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
         if note:
             warn_once(note)

@@ -181,7 +181,7 @@ def create_session(
     try:
         sess = ort.InferenceSession(m.SerializeToString(), sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
     used = sess.get_providers()[0]
     if "CUDAExecutionProvider" in providers and used != "CUDAExecutionProvider":
         if device == "cuda":

@@ -861,6 +861,31 @@ def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewr
     assert got["pruned"] == ref["pruned"]
 
 
+def test_a_model_onnxruntime_cannot_load_is_refused_before_the_scoring(tmp_path):
+    """Before: a float64 CNN (onnxruntime has no float64 Conv on CPU) was scored, selected and rewritten, a
+    minute on the digits ResNet, and refused only at the evaluation. Now it is refused at the start, with
+    the fix; the interpreter alone could prune it, but the result could not be checked."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)), "conv.weight")
+    fc = numpy_helper.from_array(rng.normal(size=(16, 2)), "fc.weight")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "conv.weight"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("MatMul", ["f", "fc.weight"], ["y"])],
+        "f64", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", 2])], [w, fc])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "f64.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 1, 4, 4)), y=np.arange(40) % 2, g=np.arange(40) % 3)
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "prune", str(tmp_path / "f64.onnx"), "--data",
+                           str(tmp_path / "d.npz"), "--groups", "g", "--method", "taylor", "--sparsity", "0.5",
+                           "-o", str(tmp_path / "p.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "[score" not in proc.stderr and not (tmp_path / "p.onnx").exists()
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert line.startswith("error: onnxruntime cannot load the model: Could not find an implementation for Conv")
+    assert line.endswith("nothing was pruned; export it in float32: onnxruntime's CPU provider lacks float64 "
+                         "kernels for Conv and other ops")
+
+
 def test_float16_weights_behind_casts_written_as_float32_are_said(tmp_path):
     """Before: the structured rewrite folded Cast(float16 weight) and wrote float32 weights without a word,
     the file growing though 30 % of the channels were removed; unstructured said only 'no weight
