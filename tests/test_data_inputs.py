@@ -309,3 +309,13 @@ def test_features_make_a_table_with_a_path_column_a_table(tmp_path):
     assert r.exit_code == 0, r.output
     line = _cli_error("evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "t.csv", "--groups", "race", "--no-latency")
     assert line.endswith("(t.csv was read as a manifest for its 'path' column: pass --features to read it as a table)")
+
+
+@pytest.mark.parametrize("elem", [TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN])
+def test_an_input_type_numpy_files_cannot_hold_gets_a_fix_that_can_be_followed(tmp_path, elem):
+    """Before: 'convert the data' to bfloat16, which no npz, csv or parquet file can hold."""
+    np.savez(tmp_path / "f.npz", t=np.ones((4, 2), np.float32), y=np.array([0, 1, 2, 0]), grp=np.array(list("xyxy")))
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "f.npz", _int_model(tmp_path, elem), "grp")
+    assert str(err.value).startswith(f"model input 't' takes {np.dtype(helper.tensor_dtype_to_np_dtype(elem))}, ")
+    assert str(err.value).endswith("; export the model with float32 (or float16) inputs")
