@@ -148,9 +148,9 @@ class PruneConfig:
 
 # field: (option, what reads it); `PruneConfig.unused_settings` says when
 READ_BY = {
-    "damping": ("--damping", "--method fairgrape"),
-    "bilevel_steps": ("--bilevel-steps", "--method bilevel"),
-    "bilevel_alpha": ("--bilevel-alpha", "--method bilevel"),
+    "damping": ("--damping", "the fairgrape method"),
+    "bilevel_steps": ("--bilevel-steps", "the bilevel method"),
+    "bilevel_alpha": ("--bilevel-alpha", "the bilevel method"),
     "loss": ("--loss", "a method that scores with data (magnitude reads only the weights)"),
     "beta": ("--beta", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
     "gamma": ("--gamma", "the pw loss (--loss pw with a method that scores with data, or --finetune-loss pw)"),
@@ -160,7 +160,7 @@ READ_BY = {
     "step_epochs": ("--step-epochs", "an iterative schedule (--iterations 2 or more)"),
     "round_to": ("--round-to", "structured pruning (--unstructured zeroes single weights)"),
     "sparse_storage": ("--sparse-storage", "--unstructured (structured pruning removes channels and leaves no zeros)"),
-    "latency_batch": ("--latency-batch", "latency timing, which --no-latency skips"),
+    "latency_batch": ("--latency-batch", "latency timing (--no-latency skips it)"),
 }
 
 

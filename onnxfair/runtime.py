@@ -166,7 +166,8 @@ def create_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device == "cuda":
         raise RuntimeUnavailableError(
-            "--device cuda asked for, but onnxruntime has no CUDAExecutionProvider; install 'onnxfair[gpu]' on a CUDA machine"
+            "--device cuda asked for, but onnxruntime has no CUDAExecutionProvider; on a CUDA machine run "
+            "pip uninstall -y onnxruntime, then pip install 'onnxfair[gpu]' (the CPU and GPU wheels cannot share an install)"
         )
     else:
         providers = ["CPUExecutionProvider"]

@@ -222,7 +222,7 @@ def test_prune_refuses_bad_requests(tmp_path):
     assert "pass --data" in _error(["prune", MLP, "--method", "fairgrape", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
     assert "only an iterative schedule (--iterations 2 or more) reads it" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                            "--sparsity", "0.5", "--step-epochs", "2", "-o", tmp_path / "x.onnx"])
-    assert "only --method fairgrape reads it; drop --damping" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
+    assert "only the fairgrape method reads it; drop --damping" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--method", "taylor",
                                                 "--sparsity", "0.5", "--damping", "10", "-o", tmp_path / "x.onnx"])
     for bad in ("-1", "nan", "inf"):
         assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",

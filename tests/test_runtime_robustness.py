@@ -229,3 +229,18 @@ def test_verify_reports_an_onnxruntime_failure_in_one_line(tmp_path):
     assert r.stderr.strip() == (
         "error: --verify: onnxruntime fails on seeded random inputs (Mod node: fmod was false. fmod attribute must "
         "be true for floating point types); fix the model so that onnxruntime runs it, or inspect without --verify")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="onnxruntime here has the CUDA provider")
+def test_device_cuda_without_the_provider_names_a_fix_that_keeps_one_onnxruntime(tmp_path):
+    """Before: 'install onnxfair[gpu]', which beside the CPU wheel installs two onnxruntime packages over one module."""
+    from onnxfair.errors import RuntimeUnavailableError
+    from onnxfair.runtime import create_session
+
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "W")
+    with pytest.raises(RuntimeUnavailableError) as err:
+        create_session(_model([helper.make_node("Gemm", ["x", "W"], ["logits"], transB=1)], TensorProto.FLOAT,
+                              ["N", 3], ["N", 2], [w]), device="cuda")
+    assert str(err.value).endswith("run pip uninstall -y onnxruntime, then pip install 'onnxfair[gpu]' (the CPU and "
+                                   "GPU wheels cannot share an install)")

@@ -153,7 +153,7 @@ def test_damping_reaches_the_fairgrape_runs_only(tmp_path):
     assert {r.cfg.method: r.cfg.damping for r in expand(plan)} == {"magnitude": 0.0, "fairgrape": 10.0, "taylor": 0.0}
     with pytest.raises(UsageError, match="finite number >= 0"):
         expand(dataclasses.replace(plan, base=PruneConfig(damping=float("nan"))))
-    with pytest.raises(UsageError, match="--damping 10 has no effect on any run of this sweep: only --method fairgrape reads it"):
+    with pytest.raises(UsageError, match="--damping 10 has no effect on any run of this sweep: only the fairgrape method reads it"):
         expand(dataclasses.replace(plan, methods=("magnitude",)))
 
 
@@ -388,7 +388,7 @@ def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp
     (["--seeds", "0,one"], "'one' is not an integer"),
     (["--max-macs-ratio", "2"], "--max-macs-ratio 2.0 is outside"),
     # a combination one run refuses is refused before the first run starts (it used to stop the sweep partway)
-    (["--methods", "magnitude,bilevel", "--iterations", "2"], "--method bilevel is not iterative; drop --iterations"),
+    (["--methods", "magnitude,bilevel", "--iterations", "2"], "bilevel in --methods is not iterative (it trains its masks in one go); drop --iterations, or sweep bilevel on its own"),
     # the weight must be finite (NaN made results.json invalid JSON) and >= 0 (a negative one rewards disparity)
     (["--disparity-weight", "nan"], "--disparity-weight nan must be a finite number >= 0"),
     (["--disparity-weight", "-0.5"], "--disparity-weight -0.5 must be a finite number >= 0"),
@@ -464,7 +464,7 @@ def test_an_input_the_sweep_would_write_is_refused_before_any_run(mlp, tmp_path,
 def test_expand_checks_what_a_run_would_refuse():
     plan = SweepPlan(model="m.onnx", data=DataSpec(data="d.npz", eval_data=None, groups=["race"]), out="sw",
                      methods=("magnitude", "bilevel"), sparsities=(0.5,), base=PruneConfig(iterations=3))
-    with pytest.raises(UsageError, match="--method bilevel is not iterative"):
+    with pytest.raises(UsageError, match="bilevel in --methods is not iterative"):
         expand(plan)
     assert [r.cfg.iterations for r in expand(dataclasses.replace(plan, methods=("magnitude", "taylor")))] == [3, 3]
     with pytest.raises(UsageError, match="--disparity-weight nan"):

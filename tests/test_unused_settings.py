@@ -77,7 +77,7 @@ def test_the_message_names_every_unused_setting():
     cfg = PruneConfig(method="magnitude", sparsity=0.5, loss="pw", bilevel_steps=5, structured=False, round_to=2)
     with pytest.raises(UsageError) as err:
         cfg.validate(has_data=False)
-    assert str(err.value) == ("--bilevel-steps 5 has no effect on this run: only --method bilevel reads it; drop "
+    assert str(err.value) == ("--bilevel-steps 5 has no effect on this run: only the bilevel method reads it; drop "
                               "--bilevel-steps (and 2 more: --loss, --round-to)")
 
 
@@ -141,7 +141,7 @@ def test_sweep_gives_a_method_setting_to_the_runs_that_read_it(tmp_path):
 
 
 def test_sweep_refuses_a_setting_no_run_reads(tmp_path):
-    with pytest.raises(UsageError, match="^--bilevel-alpha 2 has no effect on any run of this sweep: only --method bilevel"):
+    with pytest.raises(UsageError, match="^--bilevel-alpha 2 has no effect on any run of this sweep: only the bilevel method"):
         expand(_plan(tmp_path, ("magnitude", "taylor"), bilevel_alpha=2.0))
     with pytest.raises(UsageError, match="^--round-to 16 has no effect on any run of this sweep"):
         expand(_plan(tmp_path, ("magnitude", "taylor"), structured=False, round_to=16))
