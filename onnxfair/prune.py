@@ -210,9 +210,10 @@ def _check_runtime_loads(model: onnx.ModelProto, cfg: PruneConfig) -> bool:
     return True
 
 
-def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
+def no_channel_groups(model: onnx.ModelProto, an, ignore: tuple[str, ...] = ()) -> Exception:
     """The error for a graph without prunable channel groups: the ops nothing can interpret when the graph
-    has any (unstructured pruning would stop on them too), else why the channels are frozen."""
+    has any (unstructured pruning would stop on them too), else why the channels are frozen, and the fixes
+    that would work (--unstructured only when it finds weights that `ignore` leaves)."""
     from onnxfair.errors import UnsupportedError
     from onnxfair.interpret import unsupported_ops
     from onnxfair.interpret.compile import refusal_message
@@ -225,8 +226,10 @@ def no_channel_groups(model: onnx.ModelProto, an) -> Exception:
     reasons = "; ".join(every[:3]) or "no Conv/Gemm/MatMul channels"
     structural = [r for r in every if "graph output" not in r]
     ignored_only = bool(structural) and all("matches ignore pattern" in r for r in structural)
-    return UsageError(f"nothing prunable in this graph ({reasons}); "
-                      + ("narrow --ignore or try --unstructured" if ignored_only else "try --unstructured"))
+    fixes = ["narrow --ignore"] if ignored_only else []
+    if set(weight_names(model)) - ignored_initializers(model, ignore):
+        fixes.append("try --unstructured")
+    return UsageError(f"nothing prunable in this graph ({reasons}); " + (" or ".join(fixes) or "unstructured pruning finds no weight either"))
 
 
 def _shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
@@ -385,7 +388,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         if cfg.structured:
             an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
             if not an.groups:
-                raise no_channel_groups(model, an)
+                raise no_channel_groups(model, an, cfg.ignore)
             note = round_to_note(an.groups, cfg.round_to)
             if note:
                 progress(note)

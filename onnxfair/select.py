@@ -430,7 +430,7 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
             f = smallest_fraction(real, f, 16)
             counts = counts_at(f)
             measured = real(counts)
-        _check_met(measured, goal, total, target)
+        _check_met(measured, goal, total, target, gs)
         return keep_of(counts)
 
     order_cost = cost[lid]
@@ -496,7 +496,7 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
                 overshot = mid
     if macs_fn is not None and measured <= goal + 1e-9:
         counts, measured = _top_up(gs, counts, measured, rank, real, goal)
-    _check_met(measured, goal, total, target)
+    _check_met(measured, goal, total, target, gs)
     return keep_of(counts)
 
 
@@ -533,8 +533,10 @@ def _top_up(gs: list[_Group], counts: list[int], measured: float, rank: list[np.
     return counts, measured
 
 
-def _check_met(macs: float, goal: float, total: float, target: float) -> None:
+def _check_met(macs: float, goal: float, total: float, target: float, gs: list[_Group]) -> None:
     if macs > goal * (1 + 1e-9) + 1e-9:
+        rounded = any(g.round_to > 1 for g in gs)
+        floor = "frozen layers and --round-to set the floor" if rounded else "frozen layers and the one channel each group keeps set the floor"
         raise UsageError(f"--target-macs {target} cannot be met: keeping the fewest channels allowed still leaves "
-                         f"{macs / total:.3f} of the MACs (frozen layers and --round-to set the floor); raise the target "
-                         "or lower --round-to")
+                         f"{macs / total:.3f} of the MACs ({floor}); raise the target"
+                         + (" or lower --round-to" if rounded else ""))
