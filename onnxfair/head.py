@@ -189,5 +189,5 @@ def several_outputs_note(model: onnx.ModelProto, name: str = "the model") -> str
         return None
     shape = "[" + ", ".join("?" if d is None else str(d) for d in out["shape"] or []) + "]"
     return (f"{name} has {out['outputs']} outputs; scoring the first, {out['name']!r} {out['dtype']} {shape}, and "
-            f"ignoring {out['outputs'] - 1} other{'s' * (out['outputs'] > 2)}; re-export with the class scores as the "
-            "first output to score them")
+            f"ignoring {out['outputs'] - 1} other{'s' * (out['outputs'] > 2)}; if that is not the class scores, re-export "
+            "the model with them as its first output")

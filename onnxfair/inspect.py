@@ -27,7 +27,7 @@ def inspect_model(
     seed: int = 0,
 ) -> dict:
     """The `inspect` report; `verify` runs the interpreter against onnxruntime on seeded random inputs."""
-    from onnxfair.errors import OnnxfairError, UnsupportedError
+    from onnxfair.errors import OnnxfairError, UnsupportedError, UsageError
     from onnxfair.graph import model_cost
     from onnxfair.interpret import unsupported_ops
     from onnxfair.interpret.compile import refusal_message
@@ -51,6 +51,10 @@ def inspect_model(
                       macs_uncounted=cost.unknown)
     except UnsupportedError as exc:
         report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
+    except UsageError as exc:  # a dim only --input-shape can size: what needs no sizes is still described
+        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc),
+                      batch_inputs=[s.name for s in input_specs(model)])
+        return report  # --verify and --groups need the same sizes
     if verify:
         # what stops the comparison is reported with the rest (the caller exits 2 after showing it)
         if unsupported:

@@ -577,6 +577,26 @@ def test_inspect_shows_the_inputs_as_input_shape_fixes_them():
     assert rep["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 108]}]
 
 
+def test_inspect_describes_a_model_with_a_symbolic_feature_dim_before_asking_for_its_size(tmp_path):
+    """Before: exit 2 with the --input-shape hint and no description at all; the inputs, outputs and ops
+    need no sizes, and the input's symbolic name is what the user needs to write the fix."""
+    m = onnx.load(MLP)
+    dim = m.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "feat"
+    onnx.save(m, tmp_path / "sym.onnx")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(tmp_path / "sym.onnx"), "--groups"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines()[:3] == ["input  x                       float32   ['batch', 'feat']",
+                                            "output logits                  float32   ['batch', 2]",
+                                            "nodes 5: Gemm 3, Relu 2"]
+    assert proc.stderr.strip() == ("error: input 'x' has a symbolic dimension feat at axis 1; pass --input-shape "
+                                   "x=d0,d1,... with its size")
+    rep = json.loads(run("inspect", tmp_path / "sym.onnx", "--input-shape", "x=1,108", "--json", "-").stdout)
+    assert rep["macs"] == json.loads(run("inspect", MLP, "--json", "-").stdout)["macs"] == 11136
+
+
 def test_the_markdown_flags_small_groups_and_lists_the_warnings(tmp_path):
     """The Markdown is the pull-request summary: it showed n=2 groups' 100 % -> 100 % with no flag, and none
     of the warnings the terminal printed."""
