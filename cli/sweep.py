@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import data_options_optional, image_options, emit_json, load_data, load_model, parse_input_shapes, progress
+from cli.options import data_options, image_options, emit_json, load_data, load_model, parse_input_shapes, progress
 from cli.outputs import check_outputs
 from cli.prune import prune as _prune_command
 from onnxfair.errors import UsageError
@@ -35,7 +35,7 @@ PASS_THROUGH = (
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@data_options_optional
+@data_options
 @click.option("--eval-data", default=None, type=click.Path(dir_okay=False),
               help="Data for the before/after evaluation (default: a seeded, group-stratified held-out part of --data).")
 @click.option("--methods", default="magnitude,taylor,fairgrape", show_default=True, help="Methods to try, comma-separated.")

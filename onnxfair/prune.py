@@ -559,7 +559,7 @@ def _settings(cfg: PruneConfig) -> dict:
 
 def unmatched_warning(pattern: str) -> str:
     return (f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
-            "onnxfair inspect --groups lists the names")
+            "onnxfair inspect --groups --json - lists them (node names and member initializers)")
 
 
 def _zeros_by_initializer(model: onnx.ModelProto, names) -> dict[str, int]:

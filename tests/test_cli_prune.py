@@ -542,7 +542,7 @@ def test_inspect_ignore_warns_on_a_pattern_that_names_nothing_and_needs_groups()
     r = run("inspect", MLP, "--groups", "--ignore", "nomatch*", "--ignore", "fc1.*")
     assert r.exit_code == 0, r.output
     assert [l for l in r.stderr.splitlines() if l.startswith("warning")] == [
-        "warning: --ignore 'nomatch*' matches no node or initializer name (case matters); onnxfair inspect --groups lists the names"]
+        "warning: --ignore 'nomatch*' matches no node or initializer name (case matters); onnxfair inspect --groups --json - lists them (node names and member initializers)"]
     assert _error(["inspect", MLP, "--ignore", "fc1.*"]) == (
         "error: --ignore changes only the channel groups that --groups shows; add --groups or drop --ignore")
     assert _error(["inspect", MLP, "--seed", "3"]) == "error: --seed draws the random inputs of --verify; add --verify or drop --seed"

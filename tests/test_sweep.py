@@ -634,6 +634,8 @@ def test_sigterm_ends_the_sweep_and_its_workers_and_keeps_finished_runs(mlp, tmp
 
 def test_missing_data_is_one_line_exit_2(mlp, tmp_path):
     r = run("sweep", mlp["path"], "--methods", "magnitude", "--sparsities", "0.5", "--out", tmp_path / "sw")
+    assert r.exit_code == 2 and "Missing option '--data'" in r.stderr and r.stderr.strip().count("\n") == 0
+    r = run("sweep", mlp["path"], "--data", tmp_path / "calib.npz", "--groups", "", "--out", tmp_path / "sw")
     assert r.exit_code == 2 and "pass --data and --groups" in r.stderr and r.stderr.strip().count("\n") == 0
     r = run("sweep", mlp["path"], "--data", tmp_path / "nope.npz", "--groups", "race", "--out", tmp_path / "sw")
     assert r.exit_code == 2 and "data file not found" in r.stderr and r.stderr.strip().count("\n") == 0
