@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scope", default="layer", choices=["layer", "global"])
     p.add_argument("--repair", default="none", choices=["none", "balanced", "plain"],
                    help="statistics repair after selection, before any fine-tuning (onnxfair prune --repair)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="onnxfair prune --patience; 0 (every epoch runs) is how the committed tables were measured")
     p.add_argument("--finetune-loss", default="ce", choices=LOSSES,
                    help="loss of the fine-tuning epochs, every method alike (onnxfair prune --finetune-loss)")
     p.add_argument("--damping", type=float, default=10.0,
@@ -174,12 +176,14 @@ def calib_subsample(calib: GroupedDataset, seed: int, fraction: float = CALIB_FR
 def one_run(model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDataset, name: str, method: str,
             sparsity: float, seed: int, args: argparse.Namespace) -> dict:
     base, loss = METHODS[method]
+    steps = schedule(base, sparsity, args)
+    fine_tunes = args.finetune_epochs or steps["step_epochs"]
     cfg = PruneConfig(
         method=base, loss=loss, structured=args.structured, sparsity=sparsity, scope=args.scope, seed=seed,
         finetune_epochs=args.finetune_epochs, latency=False, device="cpu",
         **({"bilevel_steps": args.bilevel_steps} if base == "bilevel" else {}),
         repair=args.repair, damping=damping(method, args), finetune_loss=args.finetune_loss,
-        **schedule(base, sparsity, args),
+        **steps, **({"finetune_patience": args.patience} if fine_tunes else {}),
     )
     fit = calib_subsample(calib, seed, args.calib_fraction)
     t0 = time.perf_counter()

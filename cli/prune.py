@@ -49,6 +49,9 @@ from onnxfair.report import format_prune
                    "(excess accuracy gap <= --eps), both by dual ascent.")
 @click.option("--finetune-lr", default=1e-3, show_default=True, type=float, help="Fine-tuning learning rate (Adam).")
 @click.option("--eps", "finetune_eps", default=0.02, show_default=True, type=float, help="ceag: tolerated excess accuracy gap ε.")
+@click.option("--patience", "finetune_patience", default=3, show_default=True, type=int,
+              help="Fine-tuning stops after this many epochs without a new best on its held-out part (0: runs every "
+                   "epoch); the best epoch is kept either way.")
 @click.option("--bilevel-steps", default=200, show_default=True, type=click.IntRange(1),
               help="bilevel: joint mask/weight training steps.")
 @click.option("--bilevel-alpha", default=1.0, show_default=True, type=float,

@@ -28,7 +28,7 @@ UNMET_EXIT = 3  # every output is written, but no run meets --max-disparity / --
 # defaults, choices and help stay the same and a sweep row equals a `prune` run with the same flags.
 PASS_THROUGH = (
     "scope", "round_to", "iterations", "step_epochs", "repair", "damping", "loss", "beta", "gamma", "finetune_epochs", "finetune_loss",
-    "finetune_lr", "finetune_eps", "bilevel_steps", "bilevel_alpha", "ignore", "input_shape", "device", "batch_size",
+    "finetune_lr", "finetune_eps", "finetune_patience", "bilevel_steps", "bilevel_alpha", "ignore", "input_shape", "device", "batch_size",
     "latency_batch", "no_latency", "sparse_storage",
 )
 

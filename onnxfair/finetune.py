@@ -317,6 +317,7 @@ class FinetuneResult:
             "epochs_run": len(self.history) - 1,
             "stopped_early": self.stopped_early,
             "tolerance": self.tolerance,
+            "constraint_met": self.best.feasible if self.tolerance is not None and self.history else None,
             "best_infeasible": self.constraint_cost(),
             "history": [asdict(r) for r in self.history],
         }
@@ -604,19 +605,24 @@ def finetune(
                 mod.params[n].copy_(t)
         for n, p in mod.params.items():
             p.requires_grad_(saved_flags[n])
+    if result.stopped_early:
+        say(f"fine-tune: stopped after epoch {len(result.history) - 1} of {epochs}, {patience} without a new best")
     if diverged:
         say(f"warning: fine-tuning diverged at epoch {diverged[0]} (non-finite loss); kept epoch {result.best_epoch}: "
             "lower --finetune-lr")
     elif not result.best.feasible:
-        say(f"fine-tune: no epoch met the {loss} constraint on validation (tolerance {result.tolerance}); kept epoch "
-            f"{result.best_epoch}, the smallest violation ({result.best.val_violation:.3f}): "
+        say(f"warning: fine-tuning met the {loss} constraint in no epoch on validation (tolerance {result.tolerance}); "
+            f"kept epoch {result.best_epoch}, the smallest violation ({result.best.val_violation:.3f}): "
             + ("raise --eps or fine-tune longer" if loss == "ceag" else "fine-tune longer"))
+    elif result.best_epoch == 0 and len(result.history) > 1 and loss not in ("equalized", "ceag"):
+        say("warning: fine-tuning never beat the pruned weights on validation, so they are kept as they were: "
+            f"try a lower --finetune-lr than {lr:g} (e.g. {lr / 10:g})")
     elif result.best_epoch != len(result.history) - 1:
         say(f"fine-tune: restored epoch {result.best_epoch} (best on validation)")
     cost = result.constraint_cost()
     if cost is not None and cost["val_accuracy"] - result.best.val_accuracy >= 0.05:
         hint = "raise --eps or fine-tune longer" if loss == "ceag" else "fine-tune longer or use --finetune-loss ceag"
-        say(f"fine-tune: the {loss} constraint holds only at val accuracy {100 * result.best.val_accuracy:.1f}% "
+        say(f"warning: the {loss} constraint holds only at val accuracy {100 * result.best.val_accuracy:.1f}% "
             f"(epoch {result.best_epoch}); epoch {cost['epoch']} reached {100 * cost['val_accuracy']:.1f}% "
             f"with violation {cost['val_violation']:.3f} (tolerance {result.tolerance}): {hint}")
     return result

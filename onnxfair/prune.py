@@ -29,6 +29,8 @@ GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
 REPAIR_MODES = ("none", "balanced", "plain")  # statistics repair after selection (onnxfair.repair)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAX_LR = 10.0  # fine-tuning learning rates above this only destroy the weights (and near 1e37 overflow)
+MAX_ITERATIONS = 1000  # the step schedule is built in memory, one full rescoring per step
 
 
 @dataclass
@@ -52,6 +54,7 @@ class PruneConfig:
     finetune_loss: str = "ce"
     finetune_lr: float = 1e-3
     finetune_eps: float = 0.02
+    finetune_patience: int = 3  # epochs without a new best on validation before stopping; 0: never stop
     bilevel_steps: int = 200
     bilevel_alpha: float = 1.0
     seed: int = 0
@@ -85,8 +88,9 @@ class PruneConfig:
         settings.check_seed(self.seed, "--seed")
         if self.split_seed is not None:
             settings.check_seed(self.split_seed, "--split-seed")
-        if self.iterations < 1:
-            raise UsageError("--iterations must be at least 1")
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise UsageError(f"--iterations {self.iterations} is outside 1..{MAX_ITERATIONS}; each step rescores the "
+                             "whole model (the FairGRAPE paper takes 7-22 steps)")
         if self.step_epochs < 0 or self.finetune_epochs < 0:
             raise UsageError("--finetune-epochs and --step-epochs count epochs: 0 or more")
         if self.method == "bilevel" and self.iterations > 1:
@@ -97,8 +101,11 @@ class PruneConfig:
             raise UsageError("--round-to must be at least 1 (1 disables rounding)")
         if not (self.damping >= 0.0 and math.isfinite(self.damping)):
             raise UsageError(f"--damping {self.damping} must be a finite number >= 0 (0: the paper's fairgrape importance)")
-        if not (self.finetune_lr > 0.0 and math.isfinite(self.finetune_lr)):
-            raise UsageError(f"--finetune-lr {self.finetune_lr} must be a finite number > 0, e.g. 1e-3")
+        if not 0.0 < self.finetune_lr <= MAX_LR:  # also refuses NaN; far larger values overflow Adam's float32 step
+            raise UsageError(f"--finetune-lr {self.finetune_lr:g} is outside (0, {MAX_LR:g}]; Adam moves each weight by "
+                             "about the learning rate per step, so give a small one, e.g. 1e-3")
+        if self.finetune_patience < 0:
+            raise UsageError("--patience counts epochs: 0 (never stop early) or more")
         if not (self.bilevel_alpha >= 0.0 and math.isfinite(self.bilevel_alpha)):
             raise UsageError(f"--bilevel-alpha {self.bilevel_alpha} must be a finite number >= 0 (0: no fairness penalty)")
         if not 0.0 <= self.beta <= 1.0:  # also refuses NaN
@@ -133,6 +140,7 @@ class PruneConfig:
             "finetune_loss": fine_tunes,
             "finetune_lr": fine_tunes,
             "finetune_eps": fine_tunes and self.finetune_loss == "ceag",
+            "finetune_patience": fine_tunes,
             "step_epochs": self.iterations > 1,
             "round_to": self.structured,
             "sparse_storage": not self.structured,
@@ -157,6 +165,7 @@ READ_BY = {
     "finetune_loss": ("--finetune-loss", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
     "finetune_lr": ("--finetune-lr", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
     "finetune_eps": ("--eps", "fine-tuning with --finetune-loss ceag"),
+    "finetune_patience": ("--patience", "fine-tuning (--finetune-epochs N, or --step-epochs N with --iterations)"),
     "step_epochs": ("--step-epochs", "an iterative schedule (--iterations 2 or more)"),
     "round_to": ("--round-to", "structured pruning (--unstructured zeroes single weights)"),
     "sparse_storage": ("--sparse-storage", "--unstructured (structured pruning removes channels and leaves no zeros)"),

@@ -108,6 +108,31 @@ def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: st
 MARKDOWN_TITLE = "# onnxfair "  # how every Markdown summary starts: `--report` replaces only files that do
 
 
+def weight_updates(structure: dict) -> list[str]:
+    """One phrase per weight update a prune run made (bilevel training, repair, fine-tuning), in run order:
+    the summary says how the pruned weights came about, not only the structure report."""
+    out = []
+    b = structure.get("bilevel")
+    if b:
+        val = f"; binarised val accuracy {_pct(b['val']['accuracy']).strip()} %" if b.get("val") else ""
+        out.append(f"bilevel: {b['steps']} joint mask/weight steps (alpha {b['alpha']:g}{val})")
+    r = structure.get("repair")
+    if r:
+        out.append(f"repair {r['mode']}: {r['layers']} layer{'s' * (r['layers'] != 1)} rescaled"
+                   + (f", after each of {r['steps']} steps" if r.get("steps", 1) > 1 else ""))
+    steps = structure.get("step_finetune")
+    if steps:
+        out.append(f"fine-tuned between steps ({len(steps)} times, {steps[0]['loss']} loss)")
+    f = structure.get("finetune")
+    if f:
+        best = f["history"][f["best_epoch"]]
+        met = {True: ", constraint met", False: ", constraint NOT met", None: ""}[f.get("constraint_met")]
+        out.append(f"fine-tuned {f['epochs_run']} epoch{'s' * (f['epochs_run'] != 1)} ({f['loss']} loss"
+                   f"{', stopped early' if f['stopped_early'] else ''}), kept epoch {f['best_epoch']} at val accuracy "
+                   f"{_pct(best['val_accuracy']).strip()} %{met}")
+    return out
+
+
 def prune_markdown(report: dict) -> str:
     """A short Markdown summary of a prune report, for humans and pull-request comments."""
     m = report["method"]
@@ -128,6 +153,9 @@ def prune_markdown(report: dict) -> str:
             f"| latency ms (batch {lat['dense']['batch_size']}) | {lat['dense']['median_ms']:.3f} | "
             f"{lat['pruned']['median_ms']:.3f} | {1 / max(lat['speedup'], 1e-9):.3f} |"
         )
+    updates = weight_updates(report.get("structure", {}))
+    if updates:
+        lines += ["", "Weights: " + "; ".join(updates) + "."]
     if "dense" in report:
         d, p, g = report["dense"], report["pruned"], report["degradation"]
         lines += ["", f"Evaluated on {report['evaluation']['n']} rows ({report['evaluation']['source']}).", "",
@@ -171,6 +199,7 @@ def format_prune(report: dict) -> str:
             f"latency {lat['dense']['median_ms']:.3f} -> {lat['pruned']['median_ms']:.3f} ms median "
             f"(speedup {lat['speedup']:.2f}x, batch {lat['dense']['batch_size']}, {lat['dense']['provider']})"
         )
+    lines += [f"weights: {u}" for u in weight_updates(report.get("structure", {}))]
     if "dense" in report:
         lines.append("")
         source = report.get("evaluation", {}).get("source", "")

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cli.main import app
 from onnxfair.model import initializer_arrays
+from onnxfair.report import prune_markdown
 from tests.conftest import FIXTURES
 
 MLP = FIXTURES / "adult_mlp.onnx"
@@ -227,7 +228,12 @@ def test_prune_refuses_bad_requests(tmp_path):
     for bad in ("-1", "nan", "inf"):
         assert "finite number >= 0" in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5",
                                                "--damping", bad, "-o", tmp_path / "x.onnx"])
-    for option, bad, says in (("--finetune-lr", "-1", "finite number > 0"), ("--finetune-lr", "nan", "finite number > 0"),
+    # before: a learning rate of 1e38 crashed in Adam's step with a traceback, and --iterations 1e20 filled the
+    # memory with its step schedule
+    for option, bad, says in (("--finetune-lr", "-1", "outside (0, 10]"), ("--finetune-lr", "nan", "outside (0, 10]"),
+                              ("--finetune-lr", "1e38", "--finetune-lr 1e+38 is outside (0, 10]; Adam moves each weight"),
+                              ("--iterations", str(10**20), f"--iterations {10**20} is outside 1..1000"),
+                              ("--patience", "-1", "--patience counts epochs"),
                               ("--bilevel-alpha", "nan", "finite number >= 0"), ("--eps", "-1", "outside [0, 1]")):
         assert says in _error(["prune", MLP, "--data", CAL, "--groups", "race", "--sparsity", "0.5", option, bad,
                                "-o", tmp_path / "x.onnx"])
@@ -406,6 +412,47 @@ def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope, tm
     msg = _error(["prune", MLP, "--method", "magnitude", "--target-macs", "0.001", "--round-to", "1", "--scope", scope,
                   "-o", tmp_path / "x.onnx"])
     assert msg.endswith("of the MACs (frozen layers and the one channel each group keeps set the floor); raise the target")
+
+
+def test_fine_tuning_stops_early_after_patience_epochs_and_says_when_it_never_helped(tmp_path):
+    """Before: every epoch ran (the best was only restored at the end) and `stopped_early` could never be
+    true; a learning rate that wrecked every epoch kept the pruned weights with no word in the report."""
+    args = ["--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "12", "--finetune-lr", "0.05"]
+    reports = [_prune(tmp_path, f"p{patience}", *args, "--patience", patience)[1] for patience in ("3", "0")]
+    stopped, full = (r["structure"]["finetune"] for r in reports)
+    assert full["epochs_run"] == 12 and not full["stopped_early"]
+    best = full["best_epoch"]
+    assert best + 3 < 12 and stopped["best_epoch"] == best  # the same seed trains the same epochs up to the stop
+    assert stopped["epochs_run"] == best + 3 and stopped["stopped_early"]
+    assert stopped["history"] == full["history"][: best + 4]
+    assert reports[0]["pruned"] == reports[1]["pruned"]
+    _, rep = _prune(tmp_path, "wrecked", "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "2",
+                    "--finetune-lr", "3")
+    assert rep["structure"]["finetune"]["best_epoch"] == 0
+    assert rep["warnings"] == ["fine-tuning never beat the pruned weights on validation, so they are kept as they "
+                               "were: try a lower --finetune-lr than 3 (e.g. 0.3)"]
+
+
+def test_the_summaries_say_how_the_pruned_weights_came_about(tmp_path):
+    """Before: the Markdown and terminal summaries said nothing of bilevel training, repair or fine-tuning,
+    and bilevel left no record in the report at all."""
+    out = tmp_path / "b.onnx"
+    r = run("prune", MLP, "--data", CAL, "--groups", "race", "--method", "bilevel", "--sparsity", "0.5",
+            "--bilevel-steps", "20", "--repair", "balanced", "--finetune-epochs", "2", "--no-latency", "-o", out,
+            "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    s = rep["structure"]
+    b, f = s["bilevel"], s["finetune"]
+    assert (b["steps"], b["alpha"], b["log"][-1]["step"]) == (20, 1.0, 19) and 0 < b["val"]["accuracy"] <= 1
+    kept = f["history"][f["best_epoch"]]["val_accuracy"]
+    said = [f"bilevel: 20 joint mask/weight steps (alpha 1; binarised val accuracy {100 * b['val']['accuracy']:.2f} %)",
+            f"repair balanced: {s['repair']['layers']} layers rescaled",
+            f"fine-tuned 2 epochs (ce loss), kept epoch {f['best_epoch']} at val accuracy {100 * kept:.2f} %"]
+    assert f"Weights: {'; '.join(said)}." in (tmp_path / "r.md").read_text()
+    assert said == [l[len("weights: "):] for l in r.stdout.splitlines() if l.startswith("weights: ")]
+    _, plain = _prune(tmp_path, "plain", "--method", "magnitude", "--sparsity", "0.5")
+    assert "Weights:" not in prune_markdown(plain)
 
 
 def test_bilevel_keeps_the_weights_it_trained():

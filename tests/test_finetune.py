@@ -387,9 +387,12 @@ def test_a_run_where_no_epoch_is_feasible_says_so(conflict):
     assert not any(r.feasible for r in res.history)
     smallest = min(res.history, key=lambda r: (r.val_violation, r.epoch))
     assert res.best_epoch == smallest.epoch
-    assert (f"no epoch met the ceag constraint on validation (tolerance 0.0); kept epoch {res.best_epoch}, the "
-            f"smallest violation ({smallest.val_violation:.3f}): raise --eps") in lines[-1]
+    # a warning, so the report's `warnings` and its Markdown carry it (before: a progress line only)
+    assert lines[-1].startswith(f"warning: fine-tuning met the ceag constraint in no epoch on validation (tolerance "
+                                f"0.0); kept epoch {res.best_epoch}, the smallest violation "
+                                f"({smallest.val_violation:.3f}): raise --eps")
     assert not any("best on validation" in line for line in lines)
+    assert res.to_dict()["constraint_met"] is False
 
 
 def test_equalized_dual_step_by_hand():
