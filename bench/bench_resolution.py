@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", default="1", help="as in bench_methods: a step count or 'paper'")
     ap.add_argument("--step-epochs", type=int, default=0)
     ap.add_argument("--finetune-epochs", type=int, default=0)
+    ap.add_argument("--patience", type=int, default=0, help="as in bench_methods (0: every epoch runs, as measured)")
     ap.add_argument("--repair", default="none", choices=["none", "balanced", "plain"], help="as in bench_methods")
     ap.add_argument("--finetune-loss", default="ce", choices=LOSSES,
                     help="as in bench_methods")
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                                   finetune_epochs=args.finetune_epochs, finetune_loss=args.finetune_loss,
                                   repair=args.repair,
                                   damping=args.damping if method == "fairgrape" else 0.0,
-                                  **schedule(method, args.sparsity, args))
+                                  **schedule(method, args.sparsity, args),
+                                  **({"finetune_patience": args.patience}
+                                     if args.finetune_epochs or schedule(method, args.sparsity, args)["step_epochs"] else {}))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pruned = prune_model(model, calib_subsample(calib, seed, args.calib_fraction), ev, cfg).model

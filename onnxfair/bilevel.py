@@ -101,6 +101,7 @@ class BilevelResult:
     masks: dict[str, np.ndarray] | None = None  # unstructured: initializer -> float32 0/1 mask
     scores: dict = field(default_factory=dict)  # group id / initializer -> final scores (numpy)
     history: list[dict] = field(default_factory=list)
+    steps_run: int = 0  # joint steps taken (fewer than asked when training diverged)
     val: dict | None = None  # val accuracy and per-group accuracy of the binarised model (before fine-tune)
     finetune: FinetuneResult | None = None
 
@@ -388,6 +389,7 @@ def bilevel_prune(
     pos = 0
     log_every = max(1, steps // 10)
     history: list[dict] = []
+    steps_run = 0  # fewer than `steps` when training diverged
     step_masks = first_masks
     try:
         for p in params.values():
@@ -415,6 +417,7 @@ def bilevel_prune(
                 say(f"warning: bilevel training diverged at step {step} (non-finite loss); the weights stay the "
                     "dense model's and the scores are those learned before it")
                 break
+            steps_run = step + 1
             (j + alpha * pen).backward()
             with torch.no_grad():
                 gw = {n: params[n].grad.double() * stored[n].double() for n in masked_names
@@ -451,7 +454,7 @@ def bilevel_prune(
     final_scores = [sc.numpy().astype(np.float64) for sc in scores]
     score_map = {(g.id if structured else g): sc for g, sc in zip(units, final_scores)}
     chosen, final_masks = hard_masks(scores, final=True)
-    res = BilevelResult(structured=structured, scores=score_map, history=history,
+    res = BilevelResult(structured=structured, scores=score_map, history=history, steps_run=steps_run,
                         **({"keep": chosen} if structured else {"masks": chosen}))
     mod.set_masks(final_masks)
     if val is not None and len(val):

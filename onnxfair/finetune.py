@@ -549,6 +549,7 @@ def finetune(
         return {n: p.detach().clone() for n, p in mod.params.items()}
 
     best_key = record(0, None)
+    first_key, later_keys = best_key, []
     best_state = snapshot()
     try:
         for epoch in range(1, epochs + 1):
@@ -591,12 +592,14 @@ def finetune(
                 total += float(per_row.detach().sum())
                 rows += len(idx)
             key = record(epoch, total / max(rows, 1))
+            later_keys.append(key)
             if diverged:  # NaN weights stay NaN: later epochs cannot recover
                 break
             if key > best_key:
                 best_key, best_state = key, snapshot()
                 result.best_epoch = epoch
-            elif patience is not None and epoch - result.best_epoch >= patience:
+            # a constrained run waits for a feasible epoch: its violation may grow while the multipliers build up
+            elif patience is not None and epoch - result.best_epoch >= patience and result.best.feasible:
                 result.stopped_early = epoch < epochs
                 break
     finally:
@@ -614,7 +617,7 @@ def finetune(
         say(f"warning: fine-tuning met the {loss} constraint in no epoch on validation (tolerance {result.tolerance}); "
             f"kept epoch {result.best_epoch}, the smallest violation ({result.best.val_violation:.3f}): "
             + ("raise --eps or fine-tune longer" if loss == "ceag" else "fine-tune longer"))
-    elif result.best_epoch == 0 and len(result.history) > 1 and loss not in ("equalized", "ceag"):
+    elif later_keys and all(k < first_key for k in later_keys) and loss not in ("equalized", "ceag"):
         say("warning: fine-tuning never beat the pruned weights on validation, so they are kept as they were: "
             f"try a lower --finetune-lr than {lr:g} (e.g. {lr / 10:g})")
     elif result.best_epoch != len(result.history) - 1:

@@ -52,7 +52,7 @@ def inspect_model(
     except UnsupportedError as exc:
         report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
     except UsageError as exc:  # a dim only --input-shape can size: what needs no sizes is still described
-        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc),
+        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc), needs_input_shape=True,
                       batch_inputs=[s.name for s in input_specs(model)])
         return report  # --verify and --groups need the same sizes
     if verify:

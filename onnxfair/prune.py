@@ -207,15 +207,18 @@ def _check_runtime_loads(model: onnx.ModelProto, cfg: PruneConfig) -> bool:
     """Raise, before any scoring, when onnxruntime cannot load the input model, since the before/after
     evaluation would fail only after the work was done."""
     from onnxfair.errors import ModelError
+    from onnxfair.interpret import unsupported_ops
     from onnxfair.runtime import create_session
 
+    if unsupported_ops(model):  # refused with the ops named (and the fix) when the graph is interpreted
+        return False
     try:
         create_session(model, cfg.device, cfg.input_shapes or None, cfg.threads)
     except ModelError as exc:
         doubles = any(i.data_type == onnx.TensorProto.DOUBLE for i in model.graph.initializer)
         fix = ("; export it in float32: onnxruntime's CPU provider lacks float64 kernels for Conv and other ops"
                if doubles and "Could not find an implementation" in str(exc) else "")
-        raise ModelError(f"{exc} (the before/after evaluation runs it there); nothing was pruned{fix}") from None
+        raise ModelError(f"{exc}; nothing was pruned (the evaluation and timing run the model there){fix}") from None
     return True
 
 
@@ -236,7 +239,7 @@ def no_channel_groups(model: onnx.ModelProto, an, ignore: tuple[str, ...] = ()) 
     structural = [r for r in every if "graph output" not in r]
     ignored_only = bool(structural) and all("matches ignore pattern" in r for r in structural)
     fixes = ["narrow --ignore"] if ignored_only else []
-    if set(weight_names(model)) - ignored_initializers(model, ignore):
+    if set(weight_names(unstructured_view(model))) - ignored_initializers(model, ignore):
         fixes.append("try --unstructured")
     return UsageError(f"nothing prunable in this graph ({reasons}); " + (" or ".join(fixes) or "unstructured pruning finds no weight either"))
 
@@ -298,6 +301,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+def unstructured_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph unstructured pruning zeros weights in: sparse initializers (a --sparse-storage output)
+    densified, and Constant-held weights made initializers, so they are pruned like any other."""
+    from onnxfair.graph import to_dense_storage
+    from onnxfair.graph.fold import constant_weights_to_initializers
+
+    dense = to_dense_storage(model) if model.graph.sparse_initializer else model
+    return constant_weights_to_initializers(dense, WEIGHT_OPS)
+
+
 def weight_names(model: onnx.ModelProto) -> list[str]:
     """Initializers that unstructured pruning may zero: the weight of Conv/ConvTranspose/Gemm/MatMul, 2-D or
     more, on whichever side of a MatMul it sits (`weight_operand`)."""
@@ -355,9 +368,8 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                  cfg: PruneConfig, progress: Callable[[str], None], cache: DenseCache | None,
                  warnings: list[str]) -> PruneResult:
     from onnxfair.evaluate import evaluate_models
-    from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels, to_dense_storage
+    from onnxfair.graph import analyze, mask_weights, model_cost, prune_channels
     from onnxfair.graph.cost import nonzero_params, uncounted_note
-    from onnxfair.graph.fold import constant_weights_to_initializers
     from onnxfair.graph.shapes import restore_initializer_inputs
 
     cfg.validate(has_data=calib is not None)
@@ -381,7 +393,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
 
     with timer("analyse"):
-        if held is not None:  # the evaluation runs the input in onnxruntime: a model it cannot load is told now
+        if held is not None or cfg.latency:  # both run the input in onnxruntime: a model it cannot load is told now
             cache_get = cache.get if cache is not None else (lambda _key, compute: compute())
             cache_get(("loads", cfg.device, shapes_key, cfg.threads), lambda: _check_runtime_loads(model, cfg))
         note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
@@ -405,8 +417,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             units = an.groups
         else:
             an = None
-            dense = to_dense_storage(model) if model.graph.sparse_initializer else model  # a --sparse-storage output
-            dense = constant_weights_to_initializers(dense, WEIGHT_OPS)  # pruned like any other weight
+            dense = unstructured_view(model)
             units = weight_names(dense)
             if not units:
                 raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "
@@ -568,7 +579,7 @@ def _settings(cfg: PruneConfig) -> dict:
 
 def unmatched_warning(pattern: str) -> str:
     return (f"warning: --ignore {pattern!r} matches no node or initializer name (case matters); "
-            "onnxfair inspect --groups --json - lists them (node names and member initializers)")
+            "onnxfair inspect --groups --json - lists them (group names and member initializers)")
 
 
 def _zeros_by_initializer(model: onnx.ModelProto, names) -> dict[str, int]:

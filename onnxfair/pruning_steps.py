@@ -150,7 +150,7 @@ def _bilevel(dense, an, units, fit, cfg, mod, progress):
         batch_size=cfg.batch_size, seed=cfg.seed, model=dense,
         progress=progress, fixed_weights=ignored_weights(dense, cfg), **budget,
     )
-    record = {"steps": cfg.bilevel_steps, "alpha": cfg.bilevel_alpha, "log": res.history, "val": res.val}
+    record = {"steps": res.steps_run, "alpha": cfg.bilevel_alpha, "log": res.history, "val": res.val}
     if cfg.structured:
         return res.keep, channel_masks(an, res.keep), mod, record
     return None, res.masks, mod, record

@@ -115,7 +115,7 @@ def weight_updates(structure: dict) -> list[str]:
     b = structure.get("bilevel")
     if b:
         val = f"; binarised val accuracy {_pct(b['val']['accuracy']).strip()} %" if b.get("val") else ""
-        out.append(f"bilevel: {b['steps']} joint mask/weight steps (alpha {b['alpha']:g}{val})")
+        out.append(f"bilevel: {b['steps']} joint mask/weight step{'s' * (b['steps'] != 1)} (alpha {b['alpha']:g}{val})")
     r = structure.get("repair")
     if r:
         out.append(f"repair {r['mode']}: {r['layers']} layer{'s' * (r['layers'] != 1)} rescaled"

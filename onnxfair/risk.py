@@ -175,8 +175,7 @@ def magnitude_masks(
     """
     from onnxfair.importance import compute_scores
     from onnxfair.interpret import OnnxModule
-    from onnxfair.graph.fold import constant_weights_to_initializers
-    from onnxfair.prune import WEIGHT_OPS, kept_channels, round_to_note, sparsity_miss_note, weight_names
+    from onnxfair.prune import kept_channels, round_to_note, sparsity_miss_note, unstructured_view, weight_names
     from onnxfair.select import select_channels, select_weights
 
     if cfg.sparsity == 0:
@@ -199,7 +198,7 @@ def magnitude_masks(
                 say(note)  # as prune warns: the mask assessed is not quite the one asked for
         masks = channel_masks(an, keep)
     else:
-        dense = constant_weights_to_initializers(model, WEIGHT_OPS)  # as prune masks them
+        dense = unstructured_view(model)  # as prune masks them
         names = weight_names(dense)
         if not names:
             raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "

@@ -132,6 +132,7 @@ def ort_message(exc: BaseException) -> str:
     """An onnxruntime exception as one short line: no status prefix, no C++ source location or signature."""
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
     text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ .*?(?=\S+ (?:[=!<>]=? \S+ )?was false\.)", "", text)
+    text = re.sub(r"\S+\.(?:cc|cpp|h):\d+ [\w:~]+\([^)]*\) ", "", text)  # a C++ location and signature
     text = re.sub(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ",
                   lambda m: f"{m[1]} node{' ' + repr(m[2]) if m[2] else ''}: ", text)
     return text[:400]
@@ -182,7 +183,11 @@ def create_session(
     try:
         sess = ort.InferenceSession(m.SerializeToString(), sess_options=opts, providers=providers)
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+        message = ort_message(exc)
+        newer = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
+        fix = (f"; save it with ir_version {newer[2]} or lower (onnx: model.ir_version = {newer[2]}, when its opsets "
+               "allow) or upgrade onnxruntime") if newer else ""
+        raise ModelError(f"onnxruntime cannot load the model: {message}{fix}") from None
     used = sess.get_providers()[0]
     if "CUDAExecutionProvider" in providers and used != "CUDAExecutionProvider":
         if device == "cuda":

@@ -535,7 +535,7 @@ def _top_up(gs: list[_Group], counts: list[int], measured: float, rank: list[np.
 
 def _check_met(macs: float, goal: float, total: float, target: float, gs: list[_Group]) -> None:
     if macs > goal * (1 + 1e-9) + 1e-9:
-        rounded = any(g.round_to > 1 for g in gs)
+        rounded = any(1 < g.round_to < g.g.size for g in gs)  # a group no larger than it is counted in ones
         floor = "frozen layers and --round-to set the floor" if rounded else "frozen layers and the one channel each group keeps set the floor"
         raise UsageError(f"--target-macs {target} cannot be met: keeping the fewest channels allowed still leaves "
                          f"{macs / total:.3f} of the MACs ({floor}); raise the target"

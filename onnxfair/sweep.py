@@ -169,7 +169,7 @@ def expand(plan: SweepPlan) -> list[Run]:
             raise UsageError(f"sparsity {s} in --sparsities is outside (0, 1); it is the fraction removed, e.g. 0.5")
     if "bilevel" in plan.methods and plan.base.iterations > 1:  # said for a sweep: prune's line names --method
         raise UsageError("bilevel in --methods is not iterative (it trains its masks in one go); drop --iterations, "
-                         "or sweep bilevel on its own")
+                         "or run bilevel in a separate sweep without it")
     split_seed = sweep_split_seed(plan)
     grid = [(m, s, seed, dataclasses.replace(plan.base, method=m, sparsity=float(s), target_macs=None, seed=int(seed),
                                              split_seed=split_seed))

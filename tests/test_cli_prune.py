@@ -342,6 +342,22 @@ def test_weight_updates_leave_ignored_initializers_byte_identical(tmp_path, extr
     assert any(pruned[n].shape != dense[n].shape or not np.array_equal(pruned[n], dense[n]) for n in others)
 
 
+def test_the_structured_refusal_offers_unstructured_for_a_constant_held_weight(tmp_path):
+    """Before: the hint looked for initializers only, so a Constant-held weight (which --unstructured prunes)
+    was said to leave unstructured pruning nothing either."""
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3), "W")
+    g = helper.make_graph(
+        [helper.make_node("Constant", [], ["W"], value=w), helper.make_node("MatMul", ["x", "W"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "c.onnx")
+    base = ["prune", tmp_path / "c.onnx", "--method", "magnitude", "--sparsity", "0.5", "--no-latency"]
+    assert _error([*base, "-o", tmp_path / "s.onnx"]).endswith("; try --unstructured")
+    r = run(*base, "--unstructured", "-o", tmp_path / "u.onnx")
+    assert r.exit_code == 0, r.output
+    assert int((initializer_arrays(onnx.load(tmp_path / "u.onnx"))["W"] == 0).sum()) == 6
+
+
 def test_nothing_prunable_names_each_reason_once(tmp_path):
     msg = _error(["prune", MLP, "--ignore", "fc2.*", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "n.onnx"])
     assert msg == ("error: nothing prunable in this graph (initializer fc2.bias matches ignore pattern 'fc2.*'; initializer "
@@ -412,6 +428,10 @@ def test_a_small_target_macs_keeps_whole_rounding_blocks_or_is_refused(scope, tm
     msg = _error(["prune", MLP, "--method", "magnitude", "--target-macs", "0.001", "--round-to", "1", "--scope", scope,
                   "-o", tmp_path / "x.onnx"])
     assert msg.endswith("of the MACs (frozen layers and the one channel each group keeps set the floor); raise the target")
+    # nor with a --round-to no group is larger than, which counts every group in single channels
+    r = run("prune", MLP, "--method", "magnitude", "--target-macs", "0.001", "--round-to", "64", "--scope", scope,
+            "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and r.stderr.rstrip().endswith("set the floor); raise the target"), r.stderr
 
 
 def test_fine_tuning_stops_early_after_patience_epochs_and_says_when_it_never_helped(tmp_path):
@@ -431,6 +451,23 @@ def test_fine_tuning_stops_early_after_patience_epochs_and_says_when_it_never_he
     assert rep["structure"]["finetune"]["best_epoch"] == 0
     assert rep["warnings"] == ["fine-tuning never beat the pruned weights on validation, so they are kept as they "
                                "were: try a lower --finetune-lr than 3 (e.g. 0.3)"]
+    # epochs that only tie the pruned weights are no reason to lower the rate
+    _, rep = _prune(tmp_path, "flat", "--method", "magnitude", "--sparsity", "0.1", "--finetune-epochs", "3",
+                    "--finetune-lr", "1e-7")
+    assert len({h["val_accuracy"] for h in rep["structure"]["finetune"]["history"]}) == 1
+    assert not any("finetune-lr" in w for w in rep["warnings"])
+
+
+def test_patience_waits_for_a_constrained_fine_tuning_to_meet_its_constraint(tmp_path):
+    """ceag's violation grows while its multipliers build up, so the starting weights stay the best (least
+    violating) for several epochs; patience counted from them stopped the run at epoch 3 and kept the
+    infeasible epoch 0 (78 %), where the full run meets the constraint at epoch 6 (87 %)."""
+    args = ["--method", "magnitude", "--sparsity", "0.7", "--finetune-epochs", "10", "--finetune-loss", "ceag",
+            "--eps", "0.005"]
+    stopped, full = (_prune(tmp_path, f"c{p}", *args, "--patience", p)[1]["structure"]["finetune"] for p in ("3", "0"))
+    assert full["constraint_met"] and full["best_epoch"] > 3
+    assert stopped["constraint_met"] and stopped["best_epoch"] == full["best_epoch"]
+    assert stopped["epochs_run"] <= full["best_epoch"] + 3
 
 
 def test_the_summaries_say_how_the_pruned_weights_came_about(tmp_path):
@@ -589,7 +626,7 @@ def test_inspect_ignore_warns_on_a_pattern_that_names_nothing_and_needs_groups()
     r = run("inspect", MLP, "--groups", "--ignore", "nomatch*", "--ignore", "fc1.*")
     assert r.exit_code == 0, r.output
     assert [l for l in r.stderr.splitlines() if l.startswith("warning")] == [
-        "warning: --ignore 'nomatch*' matches no node or initializer name (case matters); onnxfair inspect --groups --json - lists them (node names and member initializers)"]
+        "warning: --ignore 'nomatch*' matches no node or initializer name (case matters); onnxfair inspect --groups --json - lists them (group names and member initializers)"]
     assert _error(["inspect", MLP, "--ignore", "fc1.*"]) == (
         "error: --ignore changes only the channel groups that --groups shows; add --groups or drop --ignore")
     assert _error(["inspect", MLP, "--seed", "3"]) == "error: --seed draws the random inputs of --verify; add --verify or drop --seed"
@@ -642,6 +679,12 @@ def test_inspect_describes_a_model_with_a_symbolic_feature_dim_before_asking_for
                                    "x=d0,d1,... with its size")
     rep = json.loads(run("inspect", tmp_path / "sym.onnx", "--input-shape", "x=1,108", "--json", "-").stdout)
     assert rep["macs"] == json.loads(run("inspect", MLP, "--json", "-").stdout)["macs"] == 11136
+    # an op nothing runs beside the symbolic dim: the missing size is still what stops it
+    m.graph.node.append(helper.make_node("Mystery", ["logits"], ["odd"], domain="example.custom"))
+    m.opset_import.append(helper.make_opsetid("example.custom", 1))
+    onnx.save(m, tmp_path / "sym_custom.onnx")
+    r = run("inspect", tmp_path / "sym_custom.onnx", "--verify", "--groups")
+    assert r.exit_code == 2 and r.stderr.strip().endswith("pass --input-shape x=d0,d1,... with its size"), r.output
 
 
 def test_the_markdown_flags_small_groups_and_lists_the_warnings(tmp_path):
@@ -952,8 +995,12 @@ def test_a_model_onnxruntime_cannot_load_is_refused_before_the_scoring(tmp_path)
     assert "[score" not in proc.stderr and not (tmp_path / "p.onnx").exists()
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert line.startswith("error: onnxruntime cannot load the model: Could not find an implementation for Conv")
-    assert line.endswith("nothing was pruned; export it in float32: onnxruntime's CPU provider lacks float64 "
-                         "kernels for Conv and other ops")
+    assert line.endswith("nothing was pruned (the evaluation and timing run the model there); export it in float32: "
+                         "onnxruntime's CPU provider lacks float64 kernels for Conv and other ops")
+    # without data the latency timing loads it in onnxruntime too: refused as early
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "prune", str(tmp_path / "f64.onnx"), "--method",
+                           "magnitude", "--sparsity", "0.5", "-o", str(tmp_path / "p.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "[score" not in proc.stderr and "export it in float32" in proc.stderr
 
 
 def test_float16_weights_behind_casts_written_as_float32_are_said(tmp_path):
@@ -1053,6 +1100,17 @@ def test_a_graph_with_nothing_to_prune_and_no_ignore_suggests_unstructured(tmp_p
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
     one = tmp_path / "one.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), one)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), one)
     assert _error(["prune", one, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"]).endswith(
         "(reaches graph output y); try --unstructured")
+    # the same graph at an IR version onnxruntime cannot load yet is refused first, with the fix and no C++ noise
+    newest = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=onnx.IR_VERSION)
+    try:
+        __import__("onnxruntime").InferenceSession(newest.SerializeToString())
+        return  # this onnxruntime loads the newest IR version onnx writes: nothing to refuse
+    except Exception:
+        pass
+    onnx.save(newest, one)
+    msg = _error(["prune", one, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
+    assert msg.startswith(f"error: onnxruntime cannot load the model: Unsupported model IR version: {onnx.IR_VERSION}, max supported "
+                          "IR version: ") and "; save it with ir_version " in msg and ".cc:" not in msg

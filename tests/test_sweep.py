@@ -388,7 +388,7 @@ def test_models_an_earlier_sweep_kept_are_named_not_taken_for_this_ones(mlp, tmp
     (["--seeds", "0,one"], "'one' is not an integer"),
     (["--max-macs-ratio", "2"], "--max-macs-ratio 2.0 is outside"),
     # a combination one run refuses is refused before the first run starts (it used to stop the sweep partway)
-    (["--methods", "magnitude,bilevel", "--iterations", "2"], "bilevel in --methods is not iterative (it trains its masks in one go); drop --iterations, or sweep bilevel on its own"),
+    (["--methods", "magnitude,bilevel", "--iterations", "2"], "bilevel in --methods is not iterative (it trains its masks in one go); drop --iterations, or run bilevel in a separate sweep without it"),
     # the weight must be finite (NaN made results.json invalid JSON) and >= 0 (a negative one rewards disparity)
     (["--disparity-weight", "nan"], "--disparity-weight nan must be a finite number >= 0"),
     (["--disparity-weight", "-0.5"], "--disparity-weight -0.5 must be a finite number >= 0"),

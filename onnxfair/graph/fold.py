@@ -205,14 +205,20 @@ def constant_weights_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...
     initializer; the copy computes the same. The model itself when there are none."""
     g = model.graph
     producers = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
-    values = {name: constant_value(node) for name, node in producers.items()}
-    floats = {name: v for name, v in values.items() if v is not None and v.dtype.kind == "f" and v.ndim >= 2}
+    decoded: dict[str, np.ndarray | None] = {}  # only the Constants a weight op reads are decoded
+
+    def float_weight(name: str) -> bool:
+        if name in producers and name not in decoded:
+            v = constant_value(producers[name])
+            decoded[name] = v if v is not None and v.dtype.kind == "f" and v.ndim >= 2 else None
+        return decoded.get(name) is not None
+
     moved: dict[str, np.ndarray] = {}
     for node in g.node:
         if node.op_type in ops:
-            name = weight_operand(node, floats.__contains__)
+            name = weight_operand(node, float_weight)
             if name is not None:
-                moved[name] = floats[name]
+                moved[name] = decoded[name]
     if not moved:
         return model
     m = onnx.ModelProto()
