@@ -74,6 +74,7 @@ class Session:
     batch_dynamic: bool
     declared_batch: int = 1  # the model's own dim 0 (1 when symbolic); once a hard-coded batch is found, that one
     candidates: tuple[int, ...] = ()  # batches the graph may hard-code (model.batch_candidates)
+    exported_batch: int | None = None  # dim 0 the model itself fixed, before it was made dynamic
 
     def run(self, inputs: dict[str, np.ndarray], batch_size: int = 256) -> np.ndarray:
         """First output for all rows, in batches. A graph whose shapes hard-code the batch runs in batches of
@@ -94,6 +95,9 @@ class Session:
                     f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}")
             except Exception as exc:
                 out, error = None, ort_message(exc)
+            if error is None and self.batch_dynamic and start == 0 and self.rows_interact(feed, out):
+                step = self.declared_batch
+                continue
             if error is not None:
                 if self.batch_dynamic and start == 0 and self.pin_batch(feed):
                     # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
@@ -104,6 +108,24 @@ class Session:
             outs.append(out[:rows])
             start += step
         return np.concatenate(outs, axis=0)
+
+    def rows_interact(self, feed: dict[str, np.ndarray], out: np.ndarray) -> bool:
+        """Whether a model exported for a fixed batch k gives other outputs when its rows run more than k at a
+        time (statistics over the batch, say: per-image standardisation written for one image). If so the
+        session runs k rows at a time from now on (with a warning) and True is returned."""
+        k = self.exported_batch
+        fed = len(out)
+        if k is None or fed < 2 * k:
+            return False
+        probe = 2 * k
+        alone = np.concatenate([self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0]
+                                for i in range(0, probe, k)])
+        if np.allclose(out[:probe], alone, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(alone).max()))):
+            return False
+        self.declared_batch, self.batch_dynamic = k, False
+        warn_once(f"the model gives other outputs when its rows run together than when they run {k} at a time, "
+                  f"as it was exported (its rows affect one another); running {k} row{'s' * (k > 1)} at a time")
+        return True
 
     def pin_batch(self, feed: dict[str, np.ndarray]) -> bool:
         """Whether a failure on `feed` comes from its batch size: the first row repeated to a candidate batch runs,
@@ -158,6 +180,8 @@ def create_session(
         raise NoOutputsError()
     m = fix_input_shapes(model, input_shapes or {})
     candidates = batch_candidates(m)
+    exported = next((sp.shape[0] for sp in input_specs(m) if sp.shape and isinstance(sp.shape[0], int)
+                     and sp.shape[0] > 0), None)
     if dynamic_batch:
         m = make_batch_dynamic(m)
     available = ort.get_available_providers()
@@ -197,7 +221,7 @@ def create_session(
     # a batch still fixed here is one make_batch_dynamic leaves alone (or dynamic_batch=False kept)
     fixed = next((sp.shape[0] for sp in specs if sp.shape and isinstance(sp.shape[0], int) and sp.shape[0] > 0), None)
     return Session(sess, used, threads or (os.cpu_count() or 1), [sp.name for sp in specs], fixed is None, fixed or 1,
-                   candidates)
+                   candidates, exported if fixed is None else None)
 
 
 def timing_batch(sessions: list[Session], wanted: int) -> int:

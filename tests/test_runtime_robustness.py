@@ -244,3 +244,25 @@ def test_device_cuda_without_the_provider_names_a_fix_that_keeps_one_onnxruntime
                               ["N", 3], ["N", 2], [w]), device="cuda")
     assert str(err.value).endswith("run pip uninstall -y onnxruntime, then pip install 'onnxfair[gpu]' (the CPU and "
                                    "GPU wheels cannot share an install)")
+
+
+def test_a_model_exported_for_one_row_whose_rows_would_mix_is_run_one_row_at_a_time(tmp_path):
+    """Before: a batch-1 export that standardises over the whole tensor was made batch-dynamic and run 256
+    rows at a time, so each row was standardised with the others' statistics: evaluate reported 85.67 %
+    where the model, run as exported, scores 100 %. Now the mixing is found and the rows run one at a time."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "W")
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mu"], keepdims=1),  # over every axis, the batch too
+             helper.make_node("Sub", ["x", "mu"], ["xc"]), helper.make_node("Gemm", ["xc", "W"], ["logits"], transB=1)]
+    model = _model(nodes, TensorProto.FLOAT, [1, 4], [1, 3], [w], opset=17)
+    onnx.save(model, tmp_path / "b1.onnx")
+    x = (rng.normal(size=(300, 4)) + rng.uniform(-3, 3, size=(300, 1))).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "b1.onnx"))
+    y = np.concatenate([sess.run(None, {"x": x[i : i + 1]})[0] for i in range(300)]).argmax(1)
+    np.savez(tmp_path / "d.npz", x=x, y=y, g=np.arange(300) % 2)
+    r = run("evaluate", tmp_path / "b1.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--no-latency", "--json", "-")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["overall"] == {"n": 300, "accuracy": 1.0}
+    assert "its rows affect one another); running 1 row at a time" in r.stderr
