@@ -266,3 +266,23 @@ def test_a_model_exported_for_one_row_whose_rows_would_mix_is_run_one_row_at_a_t
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["overall"] == {"n": 300, "accuracy": 1.0}
     assert "its rows affect one another); running 1 row at a time" in r.stderr
+
+
+def test_the_gradient_paths_refuse_data_the_graph_cannot_take_in_one_line(tmp_path):
+    """Before: a Reshape to [-1, 4, 3] fed 10 features per row failed inside fairgrape's scoring with torch's
+    traceback and exit 1 (evaluate and magnitude already refused it in one line)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "W"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["logits"], axes=[1], keepdims=0)]
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([-1, 4, 3], np.int64), "shape")]
+    onnx.save(_model(nodes, TensorProto.FLOAT, ["N", "k"], ["N", 4], inits), tmp_path / "r.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(100, 10)).astype(np.float32), y=rng.integers(0, 4, 100),
+             g=np.arange(100) % 2)
+    r = run("prune", tmp_path / "r.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--method", "fairgrape",
+            "--unstructured", "--sparsity", "0.3", "--no-latency", "-o", tmp_path / "p.onnx")
+    assert r.exit_code == 2 and not (tmp_path / "p.onnx").exists()
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: the interpreter cannot run the model on the data (shape '[-1, 4, 3]' is invalid for input of size 640, "
+        "while running ONNX node Reshape 'r'); check that each input array has the shape the graph expects, rows "
+        "along dim 0 (or lower --batch-size if memory ran out)")

@@ -131,7 +131,15 @@ def batch_output(out: Any, rows: int) -> torch.Tensor:
 def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """`batch_output` of `mod` on `inputs`, refused when gradients are being recorded for weights that cannot
     reach the output (an ArgMax or Hardmax head): the backward pass would fail with an obscure torch error."""
-    out = batch_output(mod(**inputs), next(iter(inputs.values())).shape[0])
+    try:
+        raw = mod(**inputs)
+    except RuntimeError as exc:  # torch's own error, with the ONNX node as a note: one line for the commands
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        notes = "; ".join(getattr(exc, "__notes__", []))
+        raise ModelError(f"the interpreter cannot run the model on the data ({text}{', ' + notes if notes else ''}); "
+                         "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
+                         "--batch-size if memory ran out)") from None
+    out = batch_output(raw, next(iter(inputs.values())).shape[0])
     if not out.is_floating_point():  # class indices (an ArgMax head): no scores to take a loss on, with or without grad
         raise UnsupportedError(
             f"the model's first output holds {str(out.dtype).removeprefix('torch.')} values (class indices, say), not "
