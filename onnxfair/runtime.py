@@ -178,6 +178,11 @@ def create_session(
         raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda")
     if not model.graph.output:
         raise NoOutputsError()
+    first = model.graph.output[0]
+    kind = first.type.WhichOneof("value")
+    if kind not in (None, "tensor_type"):  # a sequence or map (ZipMap, say) holds no batch of class scores
+        raise ModelError(f"the model's first output {first.name!r} is a {kind.removesuffix('_type')}, not a tensor of "
+                         "class scores; re-export the model with its class scores as the first output")
     m = fix_input_shapes(model, input_shapes or {})
     candidates = batch_candidates(m)
     exported = next((sp.shape[0] for sp in input_specs(m) if sp.shape and isinstance(sp.shape[0], int)

@@ -286,3 +286,22 @@ def test_the_gradient_paths_refuse_data_the_graph_cannot_take_in_one_line(tmp_pa
         "error: the interpreter cannot run the model on the data (shape '[-1, 4, 3]' is invalid for input of size 640, "
         "while running ONNX node Reshape 'r'); check that each input array has the shape the graph expects, rows "
         "along dim 0 (or lower --batch-size if memory ran out)")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_a_sequence_first_output_is_refused_in_one_line(tmp_path, command):
+    """Before: AttributeError 'list' object has no attribute 'ndim', exit 1 (ZipMap or SequenceConstruct first)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["lg"]), helper.make_node("SequenceConstruct", ["lg"], ["s"])],
+                          "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "s.onnx")
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=(x @ w).argmax(1), g=np.arange(20) % 2)
+    models = [tmp_path / "s.onnx"] * (2 if command == "compare" else 1)
+    r = run(command, *models, "--data", tmp_path / "d.npz", "--groups", "g", "--no-latency")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: the model's first output 's' is a sequence, not a tensor of class scores; re-export the model with "
+        "its class scores as the first output")
