@@ -196,6 +196,9 @@ def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
                 f"input {name!r} has shape {list(arr.shape)}, the model expects {want} of {spec.dtype}; reshape the data"
             )
     if arr.dtype != spec.dtype:
+        if spec.dtype.kind == "O":  # an ONNX string tensor: an npz holds strings only as fixed-width unicode
+            raise DataError(f"model input {name!r} takes strings, which onnxfair does not feed; export the model with "
+                            "numeric inputs (token ids or encoded features, say)")
         if spec.dtype.kind == "V":  # bfloat16 and the float8 types live in ml_dtypes, not in numpy's formats
             raise DataError(f"model input {name!r} takes {spec.dtype}, which data files cannot hold and onnxruntime's "
                             "CPU provider runs few ops in; export the model with float32 (or float16) inputs")

@@ -311,6 +311,15 @@ def test_features_make_a_table_with_a_path_column_a_table(tmp_path):
     assert line.endswith("(t.csv was read as a manifest for its 'path' column: pass --features to read it as a table)")
 
 
+def test_a_string_model_input_is_told_to_take_numbers(tmp_path):
+    """Before: 'has dtype <U1, the model expects object; convert the data', which an npz cannot hold."""
+    np.savez(tmp_path / "s.npz", t=np.array([["a", "b"]] * 4), y=np.array([0, 1, 2, 0]), grp=np.array(list("xyxy")))
+    with pytest.raises(DataError) as err:
+        load_dataset(tmp_path / "s.npz", _int_model(tmp_path, TensorProto.STRING), "grp")
+    assert str(err.value) == ("model input 't' takes strings, which onnxfair does not feed; export the model with "
+                              "numeric inputs (token ids or encoded features, say)")
+
+
 @pytest.mark.parametrize("elem", [TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN])
 def test_an_input_type_numpy_files_cannot_hold_gets_a_fix_that_can_be_followed(tmp_path, elem):
     """Before: 'convert the data' to bfloat16, which no npz, csv or parquet file can hold."""
