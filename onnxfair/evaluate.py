@@ -45,6 +45,10 @@ def evaluate_models(
         if out.shape[0] != len(ds):
             raise DataError(f"the model returned {out.shape[0]} rows for {len(ds)} inputs; is the batch axis first?")
         check_scores(out, name)
+        if out.dtype.kind == "f" and sum(d > 1 for d in out.shape[1:]) > 1:
+            warn_once(f"{name}'s first output has shape {list(out.shape[1:])} per row, scored as {classes_of(out.shape)} "
+                      "classes (the argmax over all of them): a head with scores per position (tokens, pixels) is not "
+                      "a classifier onnxfair can judge; re-export it with one row of class scores per input row")
         check_labels(ds.y, classes_of(out.shape) if out.dtype.kind == "f" else None)
         activation = output_activation(m)
         block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels, activation is not None)

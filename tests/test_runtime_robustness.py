@@ -305,3 +305,20 @@ def test_a_sequence_first_output_is_refused_in_one_line(tmp_path, command):
     assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: the model's first output 's' is a sequence, not a tensor of class scores; re-export the model with "
         "its class scores as the first output")
+
+
+def test_an_output_with_scores_per_position_is_warned_about(tmp_path):
+    """Before: a per-token head [N, 4, 3] was scored as 12 classes without a word."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 12)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([-1, 4, 3], np.int64), "shape")]
+    for shape, per_position in (([-1, 4, 3], True), ([-1, 12, 1], False)):
+        inits[1] = numpy_helper.from_array(np.array(shape, np.int64), "shape")
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["logits"])]
+        onnx.save(_model(nodes, TensorProto.FLOAT, ["N", 4], ["N", *shape[1:]], inits), tmp_path / "t.onnx")
+        np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 4)).astype(np.float32), y=rng.integers(0, 3, 30),
+                 g=np.arange(30) % 2)
+        r = run("evaluate", tmp_path / "t.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--no-latency")
+        assert r.exit_code == 0, r.output
+        said = "first output has shape [4, 3] per row, scored as 12 classes (the argmax over all of them)"
+        assert (said in r.stderr) == per_position, r.stderr
