@@ -110,15 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         dense_ok = correct(model, ev)
         runs: dict[tuple[str, int], np.ndarray] = {}
         for method in ("magnitude", "taylor", "fairgrape"):
+            steps = schedule(method, args.sparsity, args)
+            fine_tunes = args.finetune_epochs or steps["step_epochs"]
             for seed in seeds[:1] if method == "magnitude" and not trained else seeds:  # magnitude alone ignores data
                 cfg = PruneConfig(method=method, structured=False, sparsity=args.sparsity, scope=args.scope,
                                   seed=seed, latency=False, device="cpu", threads=1,
                                   finetune_epochs=args.finetune_epochs, finetune_loss=args.finetune_loss,
                                   repair=args.repair,
                                   damping=args.damping if method == "fairgrape" else 0.0,
-                                  **schedule(method, args.sparsity, args),
-                                  **({"finetune_patience": args.patience}
-                                     if args.finetune_epochs or schedule(method, args.sparsity, args)["step_epochs"] else {}))
+                                  **steps, **({"finetune_patience": args.patience} if fine_tunes else {}))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     pruned = prune_model(model, calib_subsample(calib, seed, args.calib_fraction), ev, cfg).model

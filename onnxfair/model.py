@@ -165,10 +165,15 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """Dim 0 the inputs fix; None when it is symbolic."""
+    return next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)
+                 and sp.shape[0] > 0), None)
+
+
 def declared_batch(model: onnx.ModelProto) -> int:
     """Dim 0 the inputs fix (1 when symbolic): the batch a graph that hard-codes its batch is first tried at."""
-    return next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)
-                 and sp.shape[0] > 0), 1)
+    return fixed_batch(model) or 1
 
 
 def batch_candidates(model: onnx.ModelProto) -> tuple[int, ...]:

@@ -29,6 +29,8 @@ GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
 REPAIR_MODES = ("none", "balanced", "plain")  # statistics repair after selection (onnxfair.repair)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+NO_UNSTRUCTURED_WEIGHTS = ("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight computed "
+                           "at run time, through a Cast say, is pruned with --structured only)")
 MAX_LR = 10.0  # fine-tuning learning rates above this only destroy the weights (and near 1e37 overflow)
 MAX_ITERATIONS = 1000  # the step schedule is built in memory, one full rescoring per step
 
@@ -420,8 +422,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
             dense = unstructured_view(model)
             units = weight_names(dense)
             if not units:
-                raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "
-                                 "computed at run time, through a Cast say, is pruned with --structured only)")
+                raise UsageError(NO_UNSTRUCTURED_WEIGHTS)
             if cfg.ignore:
                 ignored = ignored_initializers(model, cfg.ignore)
                 units = [u for u in units if u not in ignored]

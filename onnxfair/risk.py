@@ -175,7 +175,7 @@ def magnitude_masks(
     """
     from onnxfair.importance import compute_scores
     from onnxfair.interpret import OnnxModule
-    from onnxfair.prune import kept_channels, round_to_note, sparsity_miss_note, unstructured_view, weight_names
+    from onnxfair.prune import NO_UNSTRUCTURED_WEIGHTS, kept_channels, round_to_note, sparsity_miss_note, unstructured_view, weight_names
     from onnxfair.select import select_channels, select_weights
 
     if cfg.sparsity == 0:
@@ -201,8 +201,7 @@ def magnitude_masks(
         dense = unstructured_view(model)  # as prune masks them
         names = weight_names(dense)
         if not names:
-            raise UsageError("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight "
-                                 "computed at run time, through a Cast say, is pruned with --structured only)")
+            raise UsageError(NO_UNSTRUCTURED_WEIGHTS)
         scores = compute_scores("magnitude", OnnxModule(dense), weights=names, device="cpu", progress=say)
         masks = select_weights(scores, cfg.sparsity, scope=cfg.scope)
     return dense, {k: np.asarray(v, dtype=np.float32) for k, v in masks.items()}

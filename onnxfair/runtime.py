@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import ModelError, NoOutputsError, RuntimeUnavailableError, UsageError
-from onnxfair.model import batch_candidates, fix_input_shapes, input_specs, make_batch_dynamic
+from onnxfair.model import batch_candidates, fix_input_shapes, fixed_batch, input_specs, make_batch_dynamic
 
 _WARNED: set[str] = set()
 
@@ -185,8 +185,7 @@ def create_session(
                          "class scores; re-export the model with its class scores as the first output")
     m = fix_input_shapes(model, input_shapes or {})
     candidates = batch_candidates(m)
-    exported = next((sp.shape[0] for sp in input_specs(m) if sp.shape and isinstance(sp.shape[0], int)
-                     and sp.shape[0] > 0), None)
+    exported = fixed_batch(m)
     if dynamic_batch:
         m = make_batch_dynamic(m)
     available = ort.get_available_providers()
@@ -224,7 +223,7 @@ def create_session(
         warn_once("CUDA provider installed but not usable; running on CPU")
     specs = input_specs(m)
     # a batch still fixed here is one make_batch_dynamic leaves alone (or dynamic_batch=False kept)
-    fixed = next((sp.shape[0] for sp in specs if sp.shape and isinstance(sp.shape[0], int) and sp.shape[0] > 0), None)
+    fixed = fixed_batch(m)
     return Session(sess, used, threads or (os.cpu_count() or 1), [sp.name for sp in specs], fixed is None, fixed or 1,
                    candidates, exported if fixed is None else None)
 
