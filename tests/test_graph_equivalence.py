@@ -32,7 +32,8 @@ FIXTURE_FILES = [
 
 CASES = [(name, 13, False) for name in ("resnet", "mobile", "branches", "flat", "mlp", "tokens", "dense")]
 CASES += [("resnet", 11, False), ("branches", 11, False), ("flat", 11, False), ("flat", 17, False),
-          ("mobile", 17, False), ("branches", 17, False), ("mobile", 18, True)]
+          ("mobile", 17, False), ("branches", 17, False), ("mobile", 18, True), ("upsample", 9, False),
+          ("upsample", 13, False)]
 
 
 DECLINED = [("shuffle", 13, False), ("attention", 13, False)]

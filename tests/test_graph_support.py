@@ -251,7 +251,23 @@ def torch_models():
             a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
             return self.o(a @ self.v(x)).mean(1)
 
+    class Upsampling(nn.Module):
+        """FPN-style: a nearest and a bilinear upsample between convs (Upsample at opset 9, Resize later)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, 2, 1)
+            self.b = nn.Conv2d(8, 6, 3, 1, 1)
+            self.c = nn.Conv2d(6, 4, 1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = nn.functional.interpolate(torch.relu(self.a(x)), scale_factor=2.0, mode="nearest")
+            y = nn.functional.interpolate(torch.relu(self.b(y)), scale_factor=2.0, mode="bilinear")
+            return self.fc(torch.relu(self.c(y)).mean((2, 3)))
+
     models = {
+        "upsample": (Upsampling(), torch.randn(1, 3, 8, 8)),
         "dense": (Dense(), torch.randn(1, 3, 4, 4)),
         "shuffle": (Shuffle(), torch.randn(1, 3, 4, 4)),
         "attention": (Attention(), torch.randn(1, 5, 6)),

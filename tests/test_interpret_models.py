@@ -227,6 +227,70 @@ def test_gradcheck_float64_inputs_and_parameters():
     assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_gradcheck_through_lrn_group_norm_topk_and_scatter():
+    """The kernels added for older and causal exports carry exact gradients (values through TopK's gather)."""
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.standard_normal((4, 2, 3, 3)), "gs": rng.random(4) + 0.5, "gb": rng.standard_normal(4),
+             "u": rng.standard_normal((2, 2)), "fw": rng.standard_normal((3, 6))}
+    ints = {"k": np.array([3], np.int64), "shape": np.array([0, -1], np.int64), "rows": np.array([[0], [2]], np.int64)}
+    g = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("LRN", ["c"], ["l"], size=3, alpha=0.5, beta=0.75, bias=2.0),
+            helper.make_node("GroupNormalization", ["l", "gs", "gb"], ["n"], num_groups=2),
+            helper.make_node("Reshape", ["n", "shape"], ["f"]),
+            helper.make_node("TopK", ["f", "k"], ["v", "i"], axis=1),
+            helper.make_node("Transpose", ["v"], ["vt"]),
+            helper.make_node("ScatterND", ["vt", "rows", "u"], ["s"]),
+            helper.make_node("Transpose", ["s"], ["st"]),
+            helper.make_node("MatMul", ["st", "fw"], ["y"]),
+        ],
+        "newops", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
+        + [numpy_helper.from_array(v, k) for k, v in ints.items()],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    feeds = {"x": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)}
+    assert rel_err(interp_run(OnnxModule(model), feeds), ort_run(model, feeds)) <= 1e-5
+    mod = OnnxModule(model).double()
+    keys = [f"_params.{i}" for i in range(len(mod.params))]
+    x = torch.from_numpy(feeds["x"]).double().requires_grad_(True)
+    ps = [p.detach().clone().requires_grad_(True) for p in mod.params.values()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(mod, dict(zip(keys, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_causal_attention_from_the_legacy_exporter():
+    """torch.triu and topk export as Trilu and TopK; both used to be refused."""
+    class Causal(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Linear(4, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            t = h.shape[1]
+            future = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+            att = (h @ h.transpose(1, 2)).masked_fill(future, -1e9).softmax(-1)
+            return self.head((att @ h).topk(2, dim=1).values.mean(1))
+
+    torch.manual_seed(0)
+    from tests.test_graph_support import torch_export
+
+    model = torch_export(Causal(), torch.randn(2, 5, 4), opset=18)
+    assert {"Trilu", "TopK"} <= {n.op_type for n in model.graph.node}
+    feeds = {"x": np.random.default_rng(2).standard_normal((6, 5, 4)).astype(np.float32)}
+    mod = OnnxModule(model)
+    assert rel_err(interp_run(mod, feeds), ort_run(model, feeds)) <= 1e-5
+    loss_of(mod(torch.from_numpy(feeds["x"]))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.params.values() if p.dim() > 1)
+
+
 def test_masks_apply_in_forward_and_gradient():
     model = conv_bn_relu_gemm()
     mod = OnnxModule(model)

@@ -502,6 +502,100 @@ case("Resize-axes-opset18")(lambda rng: _resize(rng, opset=18, scales=[2.0, 1.5]
 case("Resize-half-pixel-symmetric-opset19")(lambda rng: _resize(rng, opset=19, scales=[1, 1, 1.7, 0.6], mode="linear", coordinate_transformation_mode="half_pixel_symmetric"))
 case("Resize-nearest-half-pixel-symmetric-opset19")(lambda rng: _resize(rng, opset=19, sizes=[1, 2, 7, 9], mode="nearest", coordinate_transformation_mode="half_pixel_symmetric"))
 
+# ------------------------------------------------------------- Upsample and opset-10 Resize
+
+case("Upsample-opset7-nearest")(lambda rng: Case([N("Upsample", ["x"], mode="nearest", scales=[1.0, 1.0, 2.0, 3.0])],
+                                                 {"x": r(rng, 1, 2, 3, 4)}, opset=7))
+case("Upsample-opset7-linear")(lambda rng: Case([N("Upsample", ["x"], mode="linear", scales=[1.0, 1.0, 2.0, 1.5])],
+                                                {"x": r(rng, 1, 2, 3, 4)}, opset=7))
+case("Upsample-opset9-nearest")(lambda rng: Case([N("Upsample", ["x", "s"], mode="nearest")], {"x": r(rng, 2, 3, 4, 5)},
+                                                 {"s": f32([1, 1, 2.5, 2])}, opset=9))
+case("Upsample-opset9-linear")(lambda rng: Case([N("Upsample", ["x", "s"], mode="linear")], {"x": r(rng, 2, 3, 4, 5)},
+                                                {"s": f32([1, 1, 2, 1.7])}, opset=9))
+case("Upsample-opset9-runtime-scales")(lambda rng: Case([N("Upsample", ["x", "s"])],
+                                                        {"x": r(rng, 1, 2, 3, 3), "s": f32([1, 1, 3, 2])}, opset=9))
+case("Resize-opset10-nearest")(lambda rng: Case([N("Resize", ["x", "s"], mode="nearest")], {"x": r(rng, 1, 2, 3, 4)},
+                                                {"s": f32([1, 1, 2, 2])}, opset=10))
+case("Resize-opset10-linear")(lambda rng: Case([N("Resize", ["x", "s"], mode="linear")], {"x": r(rng, 1, 2, 3, 4)},
+                                               {"s": f32([1, 1, 1.5, 2.5])}, opset=10))
+
+# ------------------------------------------------------------------ selection, scatter and gather
+
+for _largest, _axis in [(1, -1), (0, 1), (1, 0)]:
+    case(f"TopK-largest{_largest}-axis{_axis}")(lambda rng, lg=_largest, ax=_axis: Case(
+        [N("TopK", ["x", "k"], ["v", "i"], axis=ax, largest=lg)], {"x": r(rng, 4, 6, 5)}, {"k": i64([3])},
+        outputs={"v": TP.FLOAT, "i": TP.INT64}, opset=11))
+case("TopK-ties-in-index-order")(lambda rng: Case(
+    [N("TopK", ["x", "k"], ["v", "i"])], {"x": f32([[1, 3, 3, 2, 3, 1], [0, 0, 0, 0, 0, 0]])}, {"k": i64([4])},
+    outputs={"v": TP.FLOAT, "i": TP.INT64}, opset=11))
+case("TopK-smallest-ties")(lambda rng: Case(
+    [N("TopK", ["x", "k"], ["v", "i"], largest=0)], {"x": f32([[2, 1, 1, 2, 1]])}, {"k": i64([3])},
+    outputs={"v": TP.FLOAT, "i": TP.INT64}, opset=11))
+case("TopK-opset9-attribute")(lambda rng: Case(
+    [N("TopK", ["x"], ["v", "i"], k=2)], {"x": r(rng, 3, 7)}, outputs={"v": TP.FLOAT, "i": TP.INT64}, opset=9))
+case("TopK-runtime-k-int64")(lambda rng: Case(
+    [N("TopK", ["x", "k"], ["v", "i"], axis=1)], {"x": np.arange(24, dtype=np.int64).reshape(2, 12) % 7, "k": i64([5])},
+    outputs={"v": TP.INT64, "i": TP.INT64}, opset=11))
+for _upper in (0, 1):
+    for _k in (-1, 0, 2):
+        case(f"Trilu-upper{_upper}-k{_k}")(lambda rng, up=_upper, kk=_k: Case(
+            [N("Trilu", ["x", "k"], upper=up)], {"x": r(rng, 2, 4, 5)}, {"k": i64(kk)}, opset=14))
+case("Trilu-default-k")(lambda rng: Case([N("Trilu", ["x"], upper=0)], {"x": r(rng, 5, 3)}, opset=14))
+case("Trilu-bool-causal-mask")(lambda rng: Case(
+    [N("Trilu", ["x"], upper=0)], {"x": np.ones((4, 4), dtype=bool)}, outputs={"y": TP.BOOL}, opset=14))
+case("ScatterElements-axis1")(lambda rng: Case(
+    [N("ScatterElements", ["x", "i", "u"], axis=1)], {"x": r(rng, 3, 5), "u": r(rng, 3, 2)},
+    {"i": i64([[0, 4], [-1, 2], [1, 3]])}, opset=13))
+for _red in ("add", "mul", "max", "min"):
+    case(f"ScatterElements-{_red}")(lambda rng, red=_red: Case(
+        [N("ScatterElements", ["x", "i", "u"], axis=0, reduction=red)], {"x": r(rng, 4, 3), "u": r(rng, 3, 3)},
+        {"i": i64([[0, 1, 3], [0, 1, 2], [3, 3, 3]])}, opset=18))
+case("Scatter-opset9")(lambda rng: Case(
+    [N("Scatter", ["x", "i", "u"], axis=0)], {"x": r(rng, 3, 3), "u": r(rng, 2, 3)}, {"i": i64([[1, 0, 2], [0, 2, 1]])},
+    opset=9))
+case("ScatterND-elements")(lambda rng: Case(
+    [N("ScatterND", ["x", "i", "u"])], {"x": r(rng, 3, 4), "u": r(rng, 3)}, {"i": i64([[0, 1], [2, 3], [-1, 0]])}, opset=13))
+case("ScatterND-slices")(lambda rng: Case(
+    [N("ScatterND", ["x", "i", "u"])], {"x": r(rng, 4, 3, 2), "u": r(rng, 2, 3, 2)}, {"i": i64([[3], [0]])}, opset=13))
+for _red in ("add", "mul", "max", "min"):
+    case(f"ScatterND-{_red}")(lambda rng, red=_red: Case(
+        [N("ScatterND", ["x", "i", "u"], reduction=red)], {"x": r(rng, 4, 3), "u": r(rng, 3, 3)},
+        {"i": i64([[1], [1], [2]])}, opset=18))
+case("GatherND")(lambda rng: Case(
+    [N("GatherND", ["x", "i"])], {"x": r(rng, 3, 4, 5)}, {"i": i64([[[0, 1], [2, -1]], [[1, 1], [0, 3]]])}, opset=13))
+case("GatherND-batch-dims")(lambda rng: Case(
+    [N("GatherND", ["x", "i"], batch_dims=1)], {"x": r(rng, 2, 4, 5)}, {"i": i64([[[1], [3]], [[0], [2]]])}, opset=13))
+case("GatherND-full-index")(lambda rng: Case(
+    [N("GatherND", ["x", "i"])], {"x": r(rng, 3, 4)}, {"i": i64([[0, 0], [2, 3], [1, 2]])}, opset=13))
+case("OneHot")(lambda rng: Case(
+    [N("OneHot", ["i", "d", "v"])], {"i": i64([[0, 3], [-1, 5]])}, {"d": i64(4), "v": f32([-1, 2])}, opset=11))
+case("OneHot-axis0-float-indices")(lambda rng: Case(
+    [N("OneHot", ["i", "d", "v"], axis=0)], {"i": f32([1.7, 0, 2, -1, -0.5])}, {"d": i64([3]), "v": i64([0, 1])},
+    outputs={"y": TP.INT64}, opset=11))
+case("EyeLike")(lambda rng: Case([N("EyeLike", ["x"], k=1)], {"x": r(rng, 3, 5)}, opset=9))
+case("EyeLike-dtype")(lambda rng: Case([N("EyeLike", ["x"], k=-2, dtype=TP.INT64)], {"x": r(rng, 5, 4)},
+                                       outputs={"y": TP.INT64}, opset=9))
+case("Shrink")(lambda rng: Case([N("Shrink", ["x"], bias=0.3, lambd=0.7)], {"x": r(rng, 3, 6)}, opset=9))
+
+# ------------------------------------------------------------------------------ more normalisation
+
+for _size in (1, 3, 5):
+    case(f"LRN-size{_size}")(lambda rng, sz=_size: Case(
+        [N("LRN", ["x"], size=sz, alpha=0.01, beta=0.6, bias=1.5)], {"x": r(rng, 2, 6, 3, 4, scale=2)}, opset=13))
+case("LRN-defaults")(lambda rng: Case([N("LRN", ["x"], size=3)], {"x": r(rng, 2, 5, 7, 1)}, opset=13))
+case("GroupNormalization-opset18")(lambda rng: Case(
+    [N("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-3)], {"x": r(rng, 2, 6, 3, 4, scale=3)},
+    {"s": r(rng, 2), "b": r(rng, 2)}, opset=18))
+case("GroupNormalization-opset21")(lambda rng: Case(
+    [N("GroupNormalization", ["x", "s", "b"], num_groups=3)], {"x": r(rng, 2, 6, 5)},
+    {"s": r(rng, 6), "b": r(rng, 6)}, opset=21))
+case("LpNormalization-p2")(lambda rng: Case([N("LpNormalization", ["x"], axis=1)], {"x": r(rng, 3, 4, 2)}))
+case("LpNormalization-p1")(lambda rng: Case([N("LpNormalization", ["x"], p=1)], {"x": r(rng, 3, 4)}))
+case("MeanVarianceNormalization")(lambda rng: Case([N("MeanVarianceNormalization", ["x"])], {"x": r(rng, 2, 3, 4, 5)},
+                                                   opset=13))
+case("MeanVarianceNormalization-axes")(lambda rng: Case(
+    [N("MeanVarianceNormalization", ["x"], axes=[1])], {"x": r(rng, 2, 6, 3, scale=5) + 2}, opset=13))
+
 # ---------------------------------------------------------------------------------- parametrised
 
 
@@ -536,19 +630,19 @@ def test_unsupported_ops_reported_together():
         helper.make_node("FusedConv", ["b"], ["c"], domain="com.microsoft"),
         helper.make_node("FusedConv", ["c"], ["d"], domain="com.microsoft"),
         N("Loop", ["", ""], ["e"], body=body),
-        N("TopK", ["d", "k"], ["f", "g"]),
+        N("Unique", ["d"], ["f"]),
         N("Resize", ["d", "", "s"], ["h"], mode="cubic"),
         N("Add", ["d", "d"], ["y"]),
     ]
     model = _model(nodes, [numpy_helper.from_array(i64([1]), "k"), numpy_helper.from_array(f32([1, 2]), "s")],
                    extra_opsets=["com.microsoft"])
     found = unsupported_ops(model)
-    assert found == {"com.microsoft.FusedConv": 3, "Loop": 1, "TopK": 1, "Resize(mode=cubic)": 1}
+    assert found == {"com.microsoft.FusedConv": 3, "Loop": 1, "Unique": 1, "Resize(mode=cubic)": 1}
     with pytest.raises(UnsupportedError) as exc:
         OnnxModule(model)
     msg = str(exc.value)
     assert msg.startswith("unsupported ops: com.microsoft.FusedConv x3")
-    for part in ("Loop x1", "TopK x1", "Resize(mode=cubic) x1", "cannot interpret these faithfully"):
+    for part in ("Loop x1", "Unique x1", "Resize(mode=cubic) x1", "cannot interpret these faithfully"):
         assert part in msg
 
 
@@ -569,11 +663,14 @@ def test_opsets_before_7_are_refused():
     (N("Cast", ["x"], to=TP.STRING), "Cast(to=STRING)"),
     (N("MaxPool", ["x"], kernel_shape=[3], dilations=[2], auto_pad="SAME_UPPER"), "MaxPool(auto_pad=SAME_UPPER with dilations)"),
     (N("MaxPool", ["x"], ["y", "i"], kernel_shape=[3], pads=[0, 1]), "MaxPool(indices with asymmetric or large pads)"),
+    (N("LRN", ["x"], size=4), "LRN(size=4)"),
+    (N("TopK", ["x", "k"], ["y", "i"], sorted=0), "TopK(sorted=0)"),
     (N("If", ["cond"], then_branch=helper.make_graph([], "t", [], []), else_branch=helper.make_graph([], "e", [], [])), "If"),
 ])
 def test_refused_attribute_variants(node, key):
     inits = [numpy_helper.from_array(f32([1, 1, 1, 1]), "s"), numpy_helper.from_array(f32([1, 2]), "sc"),
-             numpy_helper.from_array(i64([0, 1, 0, 1]), "p"), numpy_helper.from_array(np.array(True), "cond")]
+             numpy_helper.from_array(i64([0, 1, 0, 1]), "p"), numpy_helper.from_array(np.array(True), "cond"),
+             numpy_helper.from_array(i64([1]), "k")]
     node.output[0] = "y"
     assert unsupported_ops(_model([node], inits, opset=19)) == {key: 1}
 

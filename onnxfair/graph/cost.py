@@ -68,6 +68,12 @@ def node_macs(node: onnx.NodeProto, dims: dict[str, shp.Dims]) -> int | None:
         if not (_static(a) and _static(y)) or len(a) == 0:
             return None
         return prod(y) * a[-1]
+    if op in ("LSTM", "GRU", "RNN"):
+        # every step multiplies the input by W [dirs, gates*H, I] and the hidden state by R [dirs, gates*H, H]
+        x, w, r = ins[0], ins[1], ins[2]
+        if not (_static(x) and _static(w) and _static(r)) or len(x) != 3:
+            return None
+        return x[0] * x[1] * w[0] * w[1] * (w[2] + r[2])
     return 0
 
 

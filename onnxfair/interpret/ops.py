@@ -1370,7 +1370,7 @@ def _resized_len(L: int, j: int, scales: list | None, sizes: list[int] | None) -
 @register("Resize")
 def resize(spec: NodeSpec) -> Kernel:
     if spec.opset < 11:
-        raise spec.refuse("opset<11", "the opset-10 nearest rounding is not reproduced")
+        return _legacy_resample(spec, 1)
     mode = spec.attr("mode", "nearest")
     coord = spec.attr("coordinate_transformation_mode", "half_pixel")
     nmode = spec.attr("nearest_mode", "round_prefer_floor")
@@ -1392,6 +1392,25 @@ def resize(spec: NodeSpec) -> Kernel:
     sz = spec.const(3) if spec.is_const(3) else None
     scales_c = None if sc is None or sc.size == 0 else [np.float32(v) for v in sc.reshape(-1)]
     sizes_c = None if sz is None or sz.size == 0 else [int(v) for v in sz.reshape(-1)]
+    resample = _resampler(mode, coord, nmode, axes_attr)
+
+    def k(x: Tensor, roi: Any = None, scales: Tensor | None = None, sizes: Tensor | None = None) -> Tensor:
+        sl = scales_c
+        zl = sizes_c
+        if sl is None and zl is None:
+            if sizes is not None and sizes.numel() > 0:
+                zl = _as_list(sizes)
+            elif scales is not None and scales.numel() > 0:
+                sl = [np.float32(v) for v in scales.reshape(-1).tolist()]
+            else:
+                raise ModelError(f"Resize node {spec.name!r} has neither scales nor sizes")
+        return resample(x, sl, zl)
+
+    return k
+
+
+def _resampler(mode: str, coord: str, nmode: str, axes_attr: list[int] | None) -> Callable[..., Tensor]:
+    """Resize's index plan per input shape (cached), shared with the older Upsample."""
     cache: dict[tuple, list] = {}
 
     def plan(shape: tuple[int, ...], scales: list | None, sizes: list[int] | None, ref: Tensor) -> list:
@@ -1434,21 +1453,267 @@ def resize(spec: NodeSpec) -> Kernel:
         cache[key] = steps
         return steps
 
-    def k(x: Tensor, roi: Any = None, scales: Tensor | None = None, sizes: Tensor | None = None) -> Tensor:
-        sl = scales_c
-        zl = sizes_c
-        if sl is None and zl is None:
-            if sizes is not None and sizes.numel() > 0:
-                zl = _as_list(sizes)
-            elif scales is not None and scales.numel() > 0:
-                sl = [np.float32(v) for v in scales.reshape(-1).tolist()]
-            else:
-                raise ModelError(f"Resize node {spec.name!r} has neither scales nor sizes")
-        for a, i1, i2, w1, w2 in plan(tuple(x.shape), sl, zl, x):
+    def resample(x: Tensor, scales: list | None, sizes: list[int] | None) -> Tensor:
+        for a, i1, i2, w1, w2 in plan(tuple(x.shape), scales, sizes, x):
             if w1 is None:
                 x = x.index_select(a, i1)
             else:
                 x = x.index_select(a, i1) * w1 + x.index_select(a, i2) * w2
         return x
+
+    return resample
+
+
+def _legacy_resample(spec: NodeSpec, scales_input: int | None) -> Kernel:
+    """Upsample (opsets 7-9) and Resize at opset 10: asymmetric coordinates, upsampling only.
+
+    onnxruntime rounds nearest sources down when every scale is at least 1 (the only case Upsample allows);
+    its rounding for downsampling differs and is not reproduced, so scales below 1 are refused when met.
+    """
+    mode = spec.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise spec.refuse(f"mode={mode}")
+    attr_scales = spec.attr("scales")
+    resample = _resampler(mode, "asymmetric", "floor", None)
+
+    def checked(values: Sequence[float]) -> list:
+        sl = [np.float32(v) for v in values]
+        if any(v < 1 for v in sl):
+            raise spec.refuse("scales<1", "the opset-10 downsampling rounding is not reproduced")
+        return sl
+
+    if scales_input is None:
+        fixed = checked(attr_scales or [])
+        return lambda x: resample(x, fixed, None)
+    const = spec.const(scales_input) if spec.is_const(scales_input) else None
+    if const is not None:
+        fixed = checked(const.reshape(-1).tolist())
+        return lambda x, *_: resample(x, fixed, None)
+    return lambda x, scales: resample(x, checked(scales.reshape(-1).tolist()), None)
+
+
+@register("Upsample")
+def upsample(spec: NodeSpec) -> Kernel:
+    return _legacy_resample(spec, None if spec.opset < 9 else 1)
+
+
+# ------------------------------------------------------------------------- selection and scatter
+
+
+@register("TopK")
+def topk(spec: NodeSpec) -> Kernel:
+    axis = int(spec.attr("axis", -1))
+    largest = bool(int(spec.attr("largest", 1)))
+    if not int(spec.attr("sorted", 1)):
+        raise spec.refuse("sorted=0", "onnxruntime leaves the order of the k values unspecified")
+    k_attr = spec.attr("k") if spec.opset < 10 else None
+    k_const = None if k_attr is not None else spec.const_scalar(1) if spec.is_const(1) else None
+
+    def k(x: Tensor, kk: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        a = _norm_axis(axis, x.dim())
+        n = int(k_attr if k_attr is not None else k_const if k_const is not None else _scalar(kk.reshape(-1)[0]))
+        if not 0 <= n <= x.shape[a]:
+            raise ModelError(f"TopK node {spec.name!r}: k={n} is outside 0..{x.shape[a]} on axis {a}")
+        # a stable sort puts equal values in index order, as onnxruntime does
+        idx = torch.sort(x.detach(), dim=a, descending=largest, stable=True).indices.narrow(a, 0, n)
+        return torch.gather(x, a, idx), idx
+
+    return k
+
+
+@register("Trilu")
+def trilu(spec: NodeSpec) -> Kernel:
+    upper = bool(int(spec.attr("upper", 1)))
+    k_const = spec.const_scalar(1) if spec.is_const(1) else 0 if not spec.has(1) else None
+
+    def k(x: Tensor, kk: Tensor | None = None) -> Tensor:
+        d = int(k_const if k_const is not None else _scalar(kk.reshape(-1)[0]))
+        rows, cols = x.shape[-2], x.shape[-1]
+        i = torch.arange(rows, device=x.device).unsqueeze(1)
+        j = torch.arange(cols, device=x.device).unsqueeze(0)
+        keep = (j - i >= d) if upper else (j - i <= d)
+        return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    return k
+
+
+def _scatter_reduction(spec: NodeSpec) -> str:
+    red = spec.attr("reduction", "none")
+    if red not in ("none", "add", "mul", "max", "min"):
+        raise spec.refuse(f"reduction={red}")
+    return red
+
+
+_INDEX_REDUCE = {"mul": "prod", "max": "amax", "min": "amin"}
+
+
+@register("ScatterElements", "Scatter")
+def scatter_elements(spec: NodeSpec) -> Kernel:
+    axis = int(spec.attr("axis", 0))
+    red = _scatter_reduction(spec)
+
+    def k(x: Tensor, ind: Tensor, upd: Tensor) -> Tensor:
+        a = _norm_axis(axis, x.dim())
+        ind = torch.where(ind < 0, ind + x.shape[a], ind).to(torch.int64)
+        if red == "none":
+            return x.scatter(a, ind, upd)
+        if red == "add":
+            return x.scatter_add(a, ind, upd)
+        return x.scatter_reduce(a, ind, upd, _INDEX_REDUCE[red], include_self=True)
+
+    return k
+
+
+@register("ScatterND")
+def scatter_nd(spec: NodeSpec) -> Kernel:
+    red = _scatter_reduction(spec)
+
+    def k(x: Tensor, ind: Tensor, upd: Tensor) -> Tensor:
+        depth = ind.shape[-1]
+        lead = x.shape[:depth]
+        ind = ind.reshape(-1, depth).to(torch.int64)
+        dims = torch.tensor(lead, dtype=torch.int64, device=x.device)
+        ind = torch.where(ind < 0, ind + dims, ind)
+        strides = torch.tensor([math.prod(lead[i + 1:]) for i in range(depth)], dtype=torch.int64, device=x.device)
+        flat_idx = (ind * strides).sum(1)
+        flat = x.reshape((math.prod(lead),) + tuple(x.shape[depth:]))
+        src = upd.reshape((-1,) + tuple(x.shape[depth:]))
+        if red == "none":
+            out = flat.index_copy(0, flat_idx, src)
+        elif red == "add":
+            out = flat.index_add(0, flat_idx, src)
+        else:
+            rows = flat_idx.reshape((-1,) + (1,) * (src.dim() - 1)).expand_as(src)
+            out = flat.scatter_reduce(0, rows, src, _INDEX_REDUCE[red], include_self=True)
+        return out.reshape(x.shape)
+
+    return k
+
+
+@register("GatherND")
+def gather_nd(spec: NodeSpec) -> Kernel:
+    b = int(spec.attr("batch_dims", 0))
+
+    def k(x: Tensor, ind: Tensor) -> Tensor:
+        depth = ind.shape[-1]
+        batch = tuple(x.shape[:b])
+        nb = math.prod(batch)
+        xr = x.reshape((nb,) + tuple(x.shape[b:]))
+        ir = ind.reshape((nb,) + tuple(ind.shape[b:])).to(torch.int64)
+        dims = torch.tensor(x.shape[b:b + depth], dtype=torch.int64, device=x.device)
+        ir = torch.where(ir < 0, ir + dims, ir)
+        bidx = torch.arange(nb, device=x.device).reshape((nb,) + (1,) * (ir.dim() - 2))
+        out = xr[(bidx,) + tuple(ir[..., j] for j in range(depth))]
+        return out.reshape(batch + tuple(ind.shape[b:-1]) + tuple(x.shape[b + depth:]))
+
+    return k
+
+
+@register("OneHot")
+def one_hot(spec: NodeSpec) -> Kernel:
+    axis = int(spec.attr("axis", -1))
+
+    def k(ind: Tensor, depth: Tensor, values: Tensor) -> Tensor:
+        d = int(_scalar(depth.reshape(-1)[0]))
+        a = _norm_axis(axis, ind.dim() + 1)
+        i = ind.to(torch.int64)
+        i = torch.where(i < 0, i + d, i).unsqueeze(a)
+        classes = torch.arange(d, device=ind.device).reshape((-1,) + (1,) * (ind.dim() - a))
+        hot = i == classes
+        if ind.is_floating_point():  # onnxruntime makes no position hot for a fractional index
+            hot = hot & (ind == ind.trunc()).unsqueeze(a)
+        vals = values.reshape(-1)
+        return torch.where(hot, vals[1], vals[0])
+
+    return k
+
+
+@register("EyeLike")
+def eye_like(spec: NodeSpec) -> Kernel:
+    d = int(spec.attr("k", 0))
+    dt = spec.attr("dtype")
+    dtype = torch_dtype(int(dt)) if dt is not None else None
+
+    def k(x: Tensor) -> Tensor:
+        i = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+        j = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        return (j - i == d).to(dtype or x.dtype)
+
+    return k
+
+
+@register("Shrink")
+def shrink(spec: NodeSpec) -> Kernel:
+    bias = float(spec.attr("bias", 0.0))
+    lambd = float(spec.attr("lambd", 0.5))
+
+    def k(x: Tensor) -> Tensor:
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, zero)).to(x.dtype)
+
+    return k
+
+
+# ------------------------------------------------------------------------------- more normalisation
+
+
+@register("LRN")
+def lrn(spec: NodeSpec) -> Kernel:
+    size = int(spec.attr("size"))
+    alpha = float(spec.attr("alpha", 1e-4))
+    beta = float(spec.attr("beta", 0.75))
+    bias = float(spec.attr("bias", 1.0))
+    if size % 2 == 0:
+        raise spec.refuse(f"size={size}", "onnxruntime runs odd sizes only")
+    half = size // 2
+
+    def k(x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ModelError(f"LRN node {spec.name!r} has a {x.dim()}-D input; onnxruntime runs LRN on 4-D inputs only")
+        sq = (x * x).movedim(1, -1)
+        window = F.pad(sq, (half, half)).unfold(-1, size, 1).sum(-1).movedim(-1, 1)
+        return x / (bias + (alpha / size) * window) ** beta
+
+    return k
+
+
+@register("GroupNormalization")
+def group_norm(spec: NodeSpec) -> Kernel:
+    groups = int(spec.attr("num_groups"))
+    eps = float(spec.attr("epsilon", 1e-5))
+    stash = int(spec.attr("stash_type", 1))
+    if stash != 1:
+        raise spec.refuse(f"stash_type={stash}")
+    per_group = spec.opset < 21  # opset 18 scales each group, opset 21 each channel
+
+    def k(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+        c = x.shape[1]
+        if per_group:
+            scale = scale.repeat_interleave(c // groups)
+            bias = bias.repeat_interleave(c // groups)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.group_norm(xf, groups, None, None, eps).to(x.dtype) * scale.reshape(
+            (1, c) + (1,) * (x.dim() - 2)) + bias.reshape((1, c) + (1,) * (x.dim() - 2))
+
+    return k
+
+
+@register("LpNormalization")
+def lp_normalization(spec: NodeSpec) -> Kernel:
+    axis = int(spec.attr("axis", -1))
+    p = int(spec.attr("p", 2))
+    if p not in (1, 2):
+        raise spec.refuse(f"p={p}")
+    return lambda x: x / torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+
+
+@register("MeanVarianceNormalization")
+def mean_variance_normalization(spec: NodeSpec) -> Kernel:
+    axes = tuple(spec.ints("axes", [0, 2, 3]))
+
+    def k(x: Tensor) -> Tensor:
+        mean = x.mean(axes, keepdim=True)
+        var = (x * x).mean(axes, keepdim=True) - mean * mean
+        return (x - mean) / (torch.sqrt(var) + 1e-9)
 
     return k
