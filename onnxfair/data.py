@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import DataError, UsageError
-from onnxfair.model import InputSpec, class_count, input_dims, input_specs, with_input_dims
+from onnxfair.model import InputSpec, batch_axis_error, class_count, input_dims, input_specs, with_input_dims
 from onnxfair.runtime import warn_once
 
 
@@ -246,6 +246,9 @@ def load_dataset(
     if not p.exists():
         raise DataError(f"data file not found: {p}; pass an .npz, .csv, .parquet or image manifest .csv")
     attributes = parse_groups(groups)
+    misplaced = batch_axis_error(model)
+    if misplaced:
+        raise UsageError(misplaced)
     specs = input_specs(with_input_dims(model, input_dims(model, input_shapes)) if input_shapes else model)
     suffix = p.suffix.lower()
     image_given = image is not None and image != ImageOptions()

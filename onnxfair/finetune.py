@@ -110,7 +110,7 @@ def predict_probs(mod, ds: GroupedDataset, batch_size: int = 256) -> np.ndarray:
 
 
 _WEIGHT_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "LayerNormalization",
-                   "InstanceNormalization", "GroupNormalization"}
+                   "InstanceNormalization", "GroupNormalization", "LSTM", "GRU", "RNN"}
 
 
 def untrainable_names(model) -> set[str]:

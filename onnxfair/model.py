@@ -165,6 +165,23 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def batch_axis_error(model: onnx.ModelProto) -> str | None:
+    """The refusal for a model that takes its batch on an axis other than 0 (a time-major recurrent layer,
+    say): the first output's dim 0 is a symbolic dim that an input holds on a later axis only. Fed rows along
+    axis 0, such a model mixes them silently; None when the declared shapes show no such input."""
+    outputs = model.graph.output
+    dims = outputs[0].type.tensor_type.shape.dim if outputs else []
+    batch = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
+    if not batch:
+        return None
+    for sp in input_specs(model):
+        if sp.shape and sp.shape[0] != batch and batch in sp.shape[1:]:
+            return (f"model input {sp.name!r} has shape {list(sp.shape)}: its batch ({batch}, the first output's dim 0) "
+                    f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; re-export the model "
+                    "with the batch first (batch_first=True for recurrent layers, or a Transpose inside the model)")
+    return None
+
+
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """Dim 0 the inputs fix; None when it is symbolic."""
     return next((sp.shape[0] for sp in input_specs(model) if sp.shape and isinstance(sp.shape[0], int)

@@ -28,7 +28,7 @@ from onnxfair.runtime import collecting_warnings, keeping_warnings, warn_once
 GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
 REPAIR_MODES = ("none", "balanced", "plain")  # statistics repair after selection (onnxfair.repair)
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
 NO_UNSTRUCTURED_WEIGHTS = ("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight computed "
                            "at run time, through a Cast say, is pruned with --structured only)")
 MAX_LR = 10.0  # fine-tuning learning rates above this only destroy the weights (and near 1e37 overflow)
@@ -315,8 +315,8 @@ def unstructured_view(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def weight_names(model: onnx.ModelProto) -> list[str]:
     """Initializers that unstructured pruning may zero: the weight of Conv/ConvTranspose/Gemm/MatMul, 2-D or
-    more, on whichever side of a MatMul it sits (`weight_operand`)."""
-    from onnxfair.graph.fold import weight_operand
+    more, on whichever side of a MatMul it sits, and a recurrent layer's W and R (`weight_operands`)."""
+    from onnxfair.graph.fold import weight_operands
 
     inits = {i.name: i for i in model.graph.initializer}
 
@@ -325,9 +325,9 @@ def weight_names(model: onnx.ModelProto) -> list[str]:
 
     names: list[str] = []
     for node in model.graph.node:
-        name = weight_operand(node, is_weight) if node.op_type in WEIGHT_OPS else None
-        if name is not None and name not in names:
-            names.append(name)
+        for name in weight_operands(node, is_weight) if node.op_type in WEIGHT_OPS else []:
+            if name not in names:
+                names.append(name)
     return names
 
 

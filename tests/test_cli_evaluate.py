@@ -293,3 +293,38 @@ def test_a_failure_caused_by_one_rows_data_is_not_blamed_on_the_batch():
     with pytest.raises(Exception) as err:
         mod(x=x, i=torch.tensor([[1], [7]]))
     assert not isinstance(err.value, ModelError)
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate"], ["risk", "--unstructured"], ["prune", "--method", "magnitude", "--unstructured", "--sparsity", "0.5"],
+])
+def test_a_model_with_its_batch_on_a_later_axis_is_refused_not_misread(tmp_path, command):
+    """A time-major LSTM ([T, N] token ids, the default of nn.LSTM) was fed rows along axis 0: evaluate
+    treated T as a fixed batch, ran the data's columns as rows and reported their accuracy (exit 0)."""
+    torch = pytest.importorskip("torch")
+    from tests.test_graph_support import torch_export
+
+    class TimeMajor(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.rnn, self.head = torch.nn.Embedding(20, 4), torch.nn.LSTM(4, 5), torch.nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(self.embed(x))[0][-1])
+
+    model = torch_export(TimeMajor(), torch.randint(0, 20, (6, 3)), opset=17, dynamic=False)
+    for vi in (model.graph.input[0], model.graph.output[0]):  # the batch axes as the exporter names them
+        vi.type.tensor_type.shape.dim[1 if vi is model.graph.input[0] else 0].dim_param = "batch"
+    onnx.save(model, tmp_path / "tm.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (40, 6)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=x[:, 0] % 2, g=rng.choice(["a", "b"], 40))
+    out = tmp_path / "p.onnx"
+    args = [command[0], str(tmp_path / "tm.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g", *command[1:]]
+    r = CliRunner().invoke(app, args + (["-o", str(out)] if command[0] == "prune" else []))
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        "error: model input 'x' has shape [6, 'batch']: its batch (batch, the first output's dim 0) is on axis 1, and "
+        "onnxfair reads rows along axis 0; re-export the model with the batch first (batch_first=True for recurrent "
+        "layers, or a Transpose inside the model)")
+    assert "Traceback" not in r.output and not out.exists()

@@ -947,6 +947,36 @@ def test_unstructured_prunes_a_weight_on_the_left_of_its_matmul_as_on_the_right(
     np.testing.assert_array_equal(a["fc2.weight"], b["fc2.weight"])
 
 
+def test_unstructured_prunes_a_text_lstm_and_its_report_matches_onnxruntime(tmp_path):
+    """Recurrent layers were refused by the interpreter; now their input and hidden-state weights are
+    pruned like any other layer's, and the report's figures are the written model's."""
+    from tests.test_interpret_models import _text_classifier
+
+    torch = pytest.importorskip("torch")
+    model = _text_classifier(torch.nn.LSTM(6, 7, batch_first=True, bidirectional=True))
+    onnx.save(model, tmp_path / "text.onnx")
+    rng = np.random.default_rng(0)
+    for name, n in (("cal", 300), ("ev", 200)):
+        x = rng.integers(0, 30, (n, 5)).astype(np.int64)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=x[:, -1] % 3, dialect=rng.choice(["a", "b"], n, p=[0.8, 0.2]))
+    r = run("prune", tmp_path / "text.onnx", "--data", tmp_path / "cal.npz", "--eval-data", tmp_path / "ev.npz",
+            "--groups", "dialect", "--method", "fairgrape", "--unstructured", "--scope", "layer", "--sparsity", "0.6",
+            "--no-latency", "-o", tmp_path / "p.onnx", "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    arrays = initializer_arrays(onnx.load(tmp_path / "p.onnx"))
+    layers = {d["name"]: d for d in rep["structure"]["layers"]}
+    assert set(lstm.input[1:3]) <= set(layers)
+    for name, d in layers.items():
+        assert d["kept"] == np.count_nonzero(arrays[name]) == round(0.4 * d["weights"])
+    ev = np.load(tmp_path / "ev.npz")
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": ev["x"]})[0]
+    assert rep["pruned"]["overall"]["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == ev["y"])))
+
+
 @pytest.mark.parametrize("ir, opset", [(3, 7), (8, 17)])
 def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewrite(tmp_path, ir, opset):
     """Before: the rewrite dropped them from the graph inputs, so an IR 3 output failed the checker (every

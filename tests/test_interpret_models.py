@@ -291,6 +291,70 @@ def test_causal_attention_from_the_legacy_exporter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.params.values() if p.dim() > 1)
 
 
+def _text_classifier(rnn: torch.nn.Module) -> onnx.ModelProto:
+    class Text(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(30, 6)
+            self.rnn = rnn
+            self.head = torch.nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(self.embed(x))[0][:, -1])
+
+    torch.manual_seed(0)
+    from tests.test_graph_support import torch_export
+
+    return torch_export(Text(), torch.randint(0, 30, (2, 5)), opset=17)
+
+
+@pytest.mark.parametrize("rnn", [
+    lambda: torch.nn.LSTM(6, 7, batch_first=True, bidirectional=True),
+    lambda: torch.nn.GRU(6, 7, batch_first=True, num_layers=2),
+    lambda: torch.nn.RNN(6, 7, batch_first=True, nonlinearity="relu"),
+], ids=["lstm-bidirectional", "gru-2-layers", "rnn-relu"])
+def test_recurrent_text_classifiers_from_torch(rnn):
+    """nn.LSTM, nn.GRU and nn.RNN export as ONNX recurrent ops, which were refused: text models could not be
+    scored at all. Now they run as onnxruntime runs them and every weight gets a gradient."""
+    model = _text_classifier(rnn())
+    assert {n.op_type for n in model.graph.node} & {"LSTM", "GRU", "RNN"}
+    feeds = {"x": np.random.default_rng(3).integers(0, 30, (6, 5)).astype(np.int64)}
+    mod = OnnxModule(model)
+    assert rel_err(interp_run(mod, feeds), ort_run(model, feeds)) <= 1e-5
+    loss_of(mod(torch.from_numpy(feeds["x"]))).backward()
+    for name, p in mod.params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_gradcheck_recurrent_with_sequence_lengths(op):
+    """Rows past their length keep their state: the gradient must not flow through the skipped steps."""
+    rng = np.random.default_rng(4)
+    gates, hidden = (4, 3) if op == "LSTM" else (3, 3)
+    inits = {"W": rng.standard_normal((2, gates * hidden, 2)), "R": rng.standard_normal((2, gates * hidden, hidden)),
+             "B": rng.standard_normal((2, 2 * gates * hidden))}
+    ins = ["x", "W", "R", "B", "lens"] + (["", "", "P"] if op == "LSTM" else [])
+    if op == "LSTM":
+        inits["P"] = rng.standard_normal((2, 3 * hidden))
+    g = helper.make_graph(
+        [helper.make_node(op, ins, ["", "y"], hidden_size=hidden, direction="bidirectional")], "rec",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [4, 3, 2])], [helper.make_tensor_value_info("y", TP.FLOAT, None)],
+        [numpy_helper.from_array((0.5 * v).astype(np.float32), k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array([4, 1, 2], np.int32), "lens")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=10)
+    feeds = {"x": rng.standard_normal((4, 3, 2)).astype(np.float32)}
+    assert rel_err(interp_run(OnnxModule(model), feeds), ort_run(model, feeds)) <= 1e-5
+    mod = OnnxModule(model).double()
+    keys = [f"_params.{i}" for i in range(len(mod.params))]
+    x = torch.from_numpy(feeds["x"]).double().requires_grad_(True)
+    ps = [p.detach().clone().requires_grad_(True) for p in mod.params.values()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(mod, dict(zip(keys, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
 def test_masks_apply_in_forward_and_gradient():
     model = conv_bn_relu_gemm()
     mod = OnnxModule(model)

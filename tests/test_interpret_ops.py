@@ -596,6 +596,52 @@ case("MeanVarianceNormalization")(lambda rng: Case([N("MeanVarianceNormalization
 case("MeanVarianceNormalization-axes")(lambda rng: Case(
     [N("MeanVarianceNormalization", ["x"], axes=[1])], {"x": r(rng, 2, 6, 3, scale=5) + 2}, opset=13))
 
+# ------------------------------------------------------------------------------ recurrent layers
+
+
+def _rnn(rng, op, direction="forward", bias=True, lens=None, init=False, peep=False,
+         outs=("Y", "Y_h", "Y_c"), opset=14, T=5, B=3, I=4, H=6, **attrs):
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    D = 2 if direction == "bidirectional" else 1
+    inits = {"W": r(rng, D, gates * H, I, scale=0.5), "R": r(rng, D, gates * H, H, scale=0.5)}
+    names = ["x", "W", "R", "", "", "", "", ""]
+    if bias:
+        inits["B"] = r(rng, D, 2 * gates * H, scale=0.5)
+        names[3] = "B"
+    inputs = {"x": r(rng, T, B, I)}
+    if lens is not None:
+        inputs["lens"] = np.array(lens, np.int32)
+        names[4] = "lens"
+    if init:
+        names[5] = "h0"
+        inputs["h0"] = r(rng, D, B, H)
+        if op == "LSTM":
+            names[6] = "c0"
+            inputs["c0"] = r(rng, D, B, H)
+    if peep:
+        names[7] = "P"
+        inits["P"] = r(rng, D, 3 * H, scale=0.5)
+    while names[-1] == "":
+        names.pop()
+    outs = [o for o in outs if op == "LSTM" or o != "Y_c"]
+    node = N(op, names, [o if o else "" for o in outs], hidden_size=H, direction=direction, **attrs)
+    return Case([node], inputs, inits, outputs={o: TP.FLOAT for o in outs if o}, opset=opset)
+
+
+case("LSTM-forward")(lambda rng: _rnn(rng, "LSTM"))
+case("LSTM-reverse-no-bias")(lambda rng: _rnn(rng, "LSTM", direction="reverse", bias=False))
+case("LSTM-bidirectional-init-peepholes")(lambda rng: _rnn(rng, "LSTM", direction="bidirectional", init=True, peep=True))
+case("LSTM-sequence-lens")(lambda rng: _rnn(rng, "LSTM", direction="bidirectional", lens=[5, 2, 3], init=True))
+case("LSTM-clip")(lambda rng: _rnn(rng, "LSTM", clip=0.4))
+case("LSTM-only-last-state")(lambda rng: _rnn(rng, "LSTM", outs=("", "Y_h")))
+case("LSTM-only-Y")(lambda rng: _rnn(rng, "LSTM", outs=("Y",)))
+case("LSTM-activations")(lambda rng: _rnn(rng, "LSTM", activations=["Sigmoid", "Relu", "Tanh"]))
+case("GRU-forward")(lambda rng: _rnn(rng, "GRU"))
+case("GRU-linear-before-reset")(lambda rng: _rnn(rng, "GRU", direction="bidirectional", linear_before_reset=1, init=True))
+case("GRU-reverse-lens")(lambda rng: _rnn(rng, "GRU", direction="reverse", lens=[1, 5, 4]))
+case("RNN-forward")(lambda rng: _rnn(rng, "RNN", init=True))
+case("RNN-relu-bidirectional")(lambda rng: _rnn(rng, "RNN", direction="bidirectional", activations=["Relu", "Tanh"]))
+
 # ---------------------------------------------------------------------------------- parametrised
 
 
@@ -665,6 +711,9 @@ def test_opsets_before_7_are_refused():
     (N("MaxPool", ["x"], ["y", "i"], kernel_shape=[3], pads=[0, 1]), "MaxPool(indices with asymmetric or large pads)"),
     (N("LRN", ["x"], size=4), "LRN(size=4)"),
     (N("TopK", ["x", "k"], ["y", "i"], sorted=0), "TopK(sorted=0)"),
+    (N("LSTM", ["x", "s", "s"], hidden_size=1, layout=1), "LSTM(layout=1)"),
+    (N("GRU", ["x", "s", "s"], hidden_size=1, activations=["Sigmoid", "Softsign"]), "GRU(activations=Softsign)"),
+    (N("LSTM", ["x", "s", "s"], hidden_size=1, input_forget=1), "LSTM(input_forget=1)"),
     (N("If", ["cond"], then_branch=helper.make_graph([], "t", [], []), else_branch=helper.make_graph([], "e", [], [])), "If"),
 ])
 def test_refused_attribute_variants(node, key):

@@ -188,19 +188,25 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def weight_operand(node: onnx.NodeProto, is_weight) -> str | None:
-    """The input of a Conv/ConvTranspose/Gemm/MatMul node that holds its weight: input 1, or for Gemm and
-    MatMul input 0 when only that one is a weight (`W @ x`), so a weight on either side is pruned. `is_weight`
-    says whether a value name is a candidate weight. None when neither is."""
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+def weight_operands(node: onnx.NodeProto, is_weight) -> list[str]:
+    """The inputs of a Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU/RNN node that hold its weights: input 1, or
+    for Gemm and MatMul input 0 when only that one is a weight (`W @ x`), so a weight on either side is
+    pruned; a recurrent layer's input (W) and hidden-state (R) weights. `is_weight` says whether a value
+    name is a candidate weight."""
+    if node.op_type in RECURRENT_OPS:
+        return [x for x in node.input[1:3] if x and is_weight(x)]
     if len(node.input) > 1 and is_weight(node.input[1]):
-        return node.input[1]
+        return [node.input[1]]
     if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[0] and is_weight(node.input[0]):
-        return node.input[0]
-    return None
+        return [node.input[0]]
+    return []
 
 
 def constant_weights_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...]) -> onnx.ModelProto:
-    """Copy in which the float weights (see `weight_operand`, 2-D or more) of `ops` nodes that a Constant
+    """Copy in which the float weights (see `weight_operands`, 2-D or more) of `ops` nodes that a Constant
     node holds are initializers of the same name, so unstructured pruning can zero them as it zeros any
     initializer; the copy computes the same. The model itself when there are none."""
     g = model.graph
@@ -216,8 +222,7 @@ def constant_weights_to_initializers(model: onnx.ModelProto, ops: tuple[str, ...
     moved: dict[str, np.ndarray] = {}
     for node in g.node:
         if node.op_type in ops:
-            name = weight_operand(node, float_weight)
-            if name is not None:
+            for name in weight_operands(node, float_weight):
                 moved[name] = decoded[name]
     if not moved:
         return model

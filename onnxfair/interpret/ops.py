@@ -1,4 +1,4 @@
-"""One factory per ONNX op (default domain, opsets 11 to 21 and the older attribute forms).
+"""One factory per ONNX op (default domain, opset 7 and later, the older attribute forms included).
 
 Each factory reads a node's attributes once and returns a kernel over torch tensors. Semantics follow the
 ONNX specification as onnxruntime implements it (the parity target); where a mode cannot be matched
@@ -1715,5 +1715,101 @@ def mean_variance_normalization(spec: NodeSpec) -> Kernel:
         mean = x.mean(axes, keepdim=True)
         var = (x * x).mean(axes, keepdim=True) - mean * mean
         return (x - mean) / (torch.sqrt(var) + 1e-9)
+
+    return k
+
+
+# ------------------------------------------------------------------------------ recurrent layers
+
+_RNN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh,
+                                                           "relu": torch.relu}
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_RNN_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+
+
+@register("LSTM", "GRU", "RNN")
+def recurrent(spec: NodeSpec) -> Kernel:
+    """ONNX LSTM (gates i, o, f, c), GRU (z, r, h) and RNN, stepped in time order (reversed for the reverse
+    direction); rows past their `sequence_lens` keep their state and output zeros, as onnxruntime does."""
+    kind = spec.op_type
+    gates = _RNN_GATES[kind]
+    hidden = int(spec.attr("hidden_size"))
+    direction = spec.attr("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise spec.refuse(f"direction={direction}")
+    dirs = 2 if direction == "bidirectional" else 1
+    if int(spec.attr("layout", 0)):
+        raise spec.refuse("layout=1", "onnxruntime runs time-major recurrent layers only")
+    clip = spec.attr("clip")
+    if int(spec.attr("input_forget", 0)):
+        raise spec.refuse("input_forget=1")
+    default = _RNN_DEFAULT_ACTIVATIONS[kind]
+    names = spec.attr("activations") or default * dirs
+    if len(names) != len(default) * dirs:
+        raise spec.refuse("activations", f"needs {len(default) * dirs} names, has {len(names)}")
+    unknown = sorted({n for n in names if n.lower() not in _RNN_ACTIVATIONS})
+    if unknown:
+        raise spec.refuse(f"activations={','.join(unknown)}")
+    acts = [[_RNN_ACTIVATIONS[n.lower()] for n in names[d * len(default):(d + 1) * len(default)]] for d in range(dirs)]
+    lbr = bool(int(spec.attr("linear_before_reset", 0)))
+    bound = None if clip is None else float(clip)
+    H = hidden
+
+    def pre(v: Tensor) -> Tensor:
+        return v if bound is None else v.clamp(-bound, bound)
+
+    def cell(d: int, xw: Tensor, h: Tensor, c: Tensor | None, r: Tensor, rb: Tensor | None, p: Tensor | None):
+        f = acts[d]
+        if kind == "RNN":
+            v = xw + h @ r.t() + (0 if rb is None else rb)
+            return f[0](pre(v)), None
+        if kind == "GRU":
+            zr = xw[:, :2 * H] + h @ r[:2 * H].t() + (0 if rb is None else rb[:2 * H])
+            z, rr = f[0](pre(zr[:, :H])), f[0](pre(zr[:, H:]))
+            rbh = 0 if rb is None else rb[2 * H:]
+            if lbr:
+                hh = xw[:, 2 * H:] + rr * (h @ r[2 * H:].t() + rbh)
+            else:
+                hh = xw[:, 2 * H:] + (rr * h) @ r[2 * H:].t() + rbh
+            return (1 - z) * f[1](pre(hh)) + z * h, None
+        v = xw + h @ r.t() + (0 if rb is None else rb)
+        vi, vo, vf, vc = v[:, :H], v[:, H:2 * H], v[:, 2 * H:3 * H], v[:, 3 * H:]
+        if p is not None:
+            vi, vf = vi + p[:H] * c, vf + p[2 * H:] * c
+        i, fg, cc = f[0](pre(vi)), f[0](pre(vf)), f[1](pre(vc))
+        c_new = fg * c + i * cc
+        if p is not None:
+            vo = vo + p[H:2 * H] * c_new
+        return f[0](pre(vo)) * f[2](c_new), c_new
+
+    def k(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, seq: Tensor | None = None,
+          h0: Tensor | None = None, c0: Tensor | None = None, p: Tensor | None = None) -> tuple:
+        steps, batch = x.shape[0], x.shape[1]
+        lens = None if seq is None else seq.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
+        ys, hs, cs = [], [], []
+        for d in range(dirs):
+            xw = x @ w[d].t() + (0 if b is None else b[d, :gates * H])
+            rb = None if b is None else b[d, gates * H:]
+            h = h0[d] if h0 is not None else x.new_zeros(batch, H)
+            c = (c0[d] if c0 is not None else x.new_zeros(batch, H)) if kind == "LSTM" else None
+            out: list[Tensor | None] = [None] * steps
+            backward = direction == "reverse" or d == 1
+            for t in (range(steps - 1, -1, -1) if backward else range(steps)):
+                h_new, c_new = cell(d, xw[t], h, c, r[d], rb, None if p is None else p[d])
+                if lens is None:
+                    h, c = h_new, c_new
+                    out[t] = h
+                    continue
+                live = t < lens
+                h = torch.where(live, h_new, h)
+                c = None if c is None else torch.where(live, c_new, c)
+                out[t] = torch.where(live, h_new, torch.zeros_like(h_new))
+            ys.append(torch.stack(out))
+            hs.append(h)
+            cs.append(c)
+        y, y_h = torch.stack(ys, 1), torch.stack(hs)  # [T, D, B, H], [D, B, H]
+        y_c = torch.stack(cs) if kind == "LSTM" else None
+        outs = (y, y_h, y_c) if kind == "LSTM" else (y, y_h)
+        return outs[0] if spec.n_outputs == 1 else outs
 
     return k
