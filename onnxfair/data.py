@@ -345,14 +345,23 @@ def load_datasets(
 def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None,
                      datasets: Sequence[GroupedDataset | None], say: Callable[[str], None] = lambda _m: None
                      ) -> dict[str, tuple[int, ...]]:
-    """--input-shape values, completed for a single input whose non-batch dims the model leaves symbolic:
-    they take the size of the data's rows, the size it is scored and judged at, so that channel analysis
-    and MAC counts need no --input-shape there. Rows of two sizes (--data and --eval-data) are refused:
-    one analysed size could not describe both."""
+    """--input-shape values, completed for each input whose non-batch dims the model leaves symbolic: they
+    take the size of the data's rows, the size it is scored and judged at, so that channel analysis and MAC
+    counts need no --input-shape there. Rows of two sizes (--data and --eval-data) are refused: one analysed
+    size could not describe both."""
     shapes = dict(shapes or {})
-    dims = input_dims(model, shapes)
-    if len(dims) != 1:
-        return shapes
+    for name, d in input_dims(model, shapes).items():
+        rows = {tuple(ds.inputs[name].shape[1:]) for ds in datasets if ds is not None and name in ds.inputs}
+        if name in shapes or None not in d[1:] or not rows:
+            continue
+        if len(rows) > 1:
+            sizes = " and ".join("x".join(map(str, r)) for r in sorted(rows))
+            raise UsageError(f"input {name!r} leaves dims symbolic and the data's rows come in two sizes ({sizes}); "
+                             "give --data and --eval-data at one size")
+        shapes[name] = (d[0] or 1, *rows.pop())
+        say(f"input {name!r}: symbolic dims set from the data's rows: {','.join(map(str, shapes[name]))} "
+            "(--input-shape sets them)")
+    return shapes
     (name, d), = dims.items()
     rows = {tuple(ds.inputs[name].shape[1:]) for ds in datasets if ds is not None and name in ds.inputs}
     if name in shapes or None not in d[1:] or not rows:

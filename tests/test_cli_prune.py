@@ -781,6 +781,36 @@ def test_symbolic_image_dims_are_taken_from_the_data_when_input_shape_is_not_giv
         np.testing.assert_array_equal(weights[0][k], weights[1][k])
 
 
+@pytest.mark.parametrize("unstructured", [False, True])
+def test_each_input_with_symbolic_dims_is_sized_from_the_data(tmp_path, unstructured):
+    """Before: only a single-input model was sized from the data; an image with a metadata input needed
+    --input-shape for both, and with --unstructured that was said only after the scoring. Now each input
+    takes its rows' size, as --input-shape would give it."""
+    from tests.test_graph_support import GraphBuilder, ort_run
+
+    b = GraphBuilder()
+    img = b.op("Flatten", [b.op("GlobalAveragePool", [b.op("Relu", [b.conv("x", 3, 8)])])], axis=1)
+    meta = b.op("Relu", [b.op("Gemm", ["m", b.rand(6, 4), b.rand(6)], transB=1)])
+    joined = b.op("Concat", [img, meta], axis=1)
+    m = b.model([("x", ["N", 3, "H", "W"]), ("m", ["N", "F"])], [b.op("Gemm", [joined, b.rand(3, 14), b.rand(3)], transB=1)])
+    onnx.save(m, tmp_path / "two.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(60, 3, 8, 6)).astype(np.float32), "m": rng.normal(size=(60, 4)).astype(np.float32)}
+    np.savez(tmp_path / "d.npz", **feeds, y=ort_run(m, feeds)[0].argmax(1), g=np.array(["a", "b"] * 30))
+    reports = []
+    for extra in ([], ["--input-shape", "x=1,3,8,6", "--input-shape", "m=1,4"]):
+        r = run("prune", tmp_path / "two.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--method", "taylor",
+                "--sparsity", "0.5", "--no-latency", "-o", tmp_path / "p.onnx", "--json", "-",
+                *(["--unstructured"] if unstructured else ["--round-to", "1"]), *extra)
+        assert r.exit_code == 0, r.output
+        reports.append(json.loads(r.stdout))
+        assert ("input 'm': symbolic dims set from the data's rows: 1,4" in r.stderr) is not bool(extra)
+    implicit, explicit = reports
+    assert implicit["method"]["input_shapes"] == explicit["method"]["input_shapes"] == {"x": [1, 3, 8, 6], "m": [1, 4]}
+    assert implicit["cost"] == explicit["cost"] and implicit["cost"]["macs_dense"] == 8 * 6 * 3 * 8 * 9 + 6 * 4 + 3 * 14
+    assert implicit["structure"] == explicit["structure"]
+
+
 def test_a_whole_channel_shortfall_with_round_to_one_gives_advice_that_can_be_taken(tmp_path):
     """One group of 8 channels at 0.7 removes 6 (0.75). The warning told the user to lower --round-to below 1."""
     from tests.test_graph_support import GraphBuilder, ort_run
