@@ -214,17 +214,21 @@ def conv_bn_relu_gemm(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-def test_gradcheck_float64_inputs_and_parameters():
-    mod = OnnxModule(conv_bn_relu_gemm()).double()
-    names = list(mod.params)
-    keys = [f"_params.{i}" for i in range(len(names))]
-    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+def assert_gradcheck(model: onnx.ModelProto, x: torch.Tensor) -> None:
+    """Gradients of the output with respect to the input and every float initializer, in float64, match
+    finite differences."""
+    mod = OnnxModule(model).double()
+    keys = [f"_params.{i}" for i in range(len(mod.params))]
     ps = [p.detach().clone().requires_grad_(True) for p in mod.params.values()]
 
     def f(x, *ps):
         return torch.func.functional_call(mod, dict(zip(keys, ps)), (x,))
 
-    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64_inputs_and_parameters():
+    assert_gradcheck(conv_bn_relu_gemm(), torch.randn(2, 2, 3, 3, dtype=torch.float64))
 
 
 def test_gradcheck_through_lrn_group_norm_topk_and_scatter():
@@ -253,15 +257,7 @@ def test_gradcheck_through_lrn_group_norm_topk_and_scatter():
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     feeds = {"x": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)}
     assert rel_err(interp_run(OnnxModule(model), feeds), ort_run(model, feeds)) <= 1e-5
-    mod = OnnxModule(model).double()
-    keys = [f"_params.{i}" for i in range(len(mod.params))]
-    x = torch.from_numpy(feeds["x"]).double().requires_grad_(True)
-    ps = [p.detach().clone().requires_grad_(True) for p in mod.params.values()]
-
-    def f(x, *ps):
-        return torch.func.functional_call(mod, dict(zip(keys, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert_gradcheck(model, torch.from_numpy(feeds["x"]).double())
 
 
 def test_causal_attention_from_the_legacy_exporter():
@@ -344,15 +340,7 @@ def test_gradcheck_recurrent_with_sequence_lengths(op):
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=10)
     feeds = {"x": rng.standard_normal((4, 3, 2)).astype(np.float32)}
     assert rel_err(interp_run(OnnxModule(model), feeds), ort_run(model, feeds)) <= 1e-5
-    mod = OnnxModule(model).double()
-    keys = [f"_params.{i}" for i in range(len(mod.params))]
-    x = torch.from_numpy(feeds["x"]).double().requires_grad_(True)
-    ps = [p.detach().clone().requires_grad_(True) for p in mod.params.values()]
-
-    def f(x, *ps):
-        return torch.func.functional_call(mod, dict(zip(keys, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert_gradcheck(model, torch.from_numpy(feeds["x"]).double())
 
 
 def test_masks_apply_in_forward_and_gradient():
