@@ -3,7 +3,8 @@
     python bench/bench_interpreter.py [--batch 32] [--repeats 30] [--device cpu|cuda] [--threads N]
 
 For each fixture CNN a seeded native module (fixtures.models) is exported to ONNX here (BatchNorm is
-folded into the convolutions by the exporter), and the exported graph is run by `OnnxModule`. Two native
+folded into the convolutions by the exporter), and the exported graph is run by `OnnxModule`; so are two
+text classifiers (a bidirectional LSTM and a GRU over 64 tokens), whose native module is the computation. Two native
 baselines: the module as written (Conv + BatchNorm) and the same module with BatchNorm folded into the
 convolutions (`fuse_conv_bn_eval`), which is the computation the ONNX graph describes; the ratio that
 matters is interpreter / native-fused. Timings are medians (and minima, the steadier figure on a shared
@@ -74,6 +75,19 @@ def export(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return onnx.load_from_string(buf.getvalue())
 
 
+class TextClassifier(nn.Module):
+    """Token ids [N, 64] -> embedding -> recurrent layer (batch first) -> the last step's state -> 2 classes."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 64)
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(x))[0][:, -1])
+
+
 def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     for p in model.parameters():
         p.grad = None
@@ -104,32 +118,41 @@ def main() -> None:
     torch.manual_seed(0)
 
     rows = []
+    cases = []
     for name, cls in [("resnet_digits", ResNetDigits), ("mobilenet_digits", MobileNetDigits)]:
         native = cls().eval()
         for m in native.modules():  # non-trivial statistics so that folding is exercised
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-        example = torch.randn(2, 3, 32, 32)
-        interp = OnnxModule(export(native, example)).eval()
-        fused = fuse_bn(native)
-        x = torch.randn(args.batch, 3, 32, 32)
+        interp = OnnxModule(export(native, torch.randn(2, 3, 32, 32))).eval()
+        cases.append((name, native, fuse_bn(native), interp, torch.randn(args.batch, 3, 32, 32), 10))
+    for name, rnn in [("text_lstm", nn.LSTM(64, 128, batch_first=True, bidirectional=True)),
+                      ("text_gru", nn.GRU(64, 128, batch_first=True))]:
+        native = TextClassifier(rnn).eval()  # no BatchNorm: the native module is the exported computation
+        interp = OnnxModule(export(native, torch.randint(0, 1000, (2, 64)))).eval()
+        cases.append((name, native, native, interp, torch.randint(0, 1000, (args.batch, 64)), 2))
+    for name, native, fused, interp, x, classes in cases:
         with torch.no_grad():
             diff = (interp(x) - native(x)).abs().max().item()
         native, fused, interp = native.to(dev), fused.to(dev), interp.to(dev)
         x = x.to(dev)
-        y = torch.randint(0, 10, (args.batch,), device=dev)
+        y = torch.randint(0, classes, (args.batch,), device=dev)
         models = {"native": native, "native-fused": fused, "interpreter": interp}
+        if fused is native:
+            del models["native-fused"]
         for _ in range(args.warmup):
             for m in models.values():
                 step(m, x, y)
         times: dict[str, list[float]] = {k: [] for k in models}
         keys = list(models)
         for r in range(args.repeats):
-            for k in keys[r % 3:] + keys[: r % 3]:  # interleaved, rotating order: drift hits all three alike
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # interleaved, rotating order: drift hits all alike
                 times[k].append(timed(models[k], x, y, sync))
         for stat, fn in (("median", statistics.median), ("min", min)):
-            rows.append((name, stat, {k: fn(v) * 1e3 for k, v in times.items()}, diff))
+            t = {k: fn(v) * 1e3 for k, v in times.items()}
+            t.setdefault("native-fused", t["native"])
+            rows.append((name, stat, t, diff))
 
     print(f"device={dev}  batch={args.batch}  repeats={args.repeats}  torch threads={torch.get_num_threads()}")
     print("forward+backward ms; 'fused' = native module with BatchNorm folded, the computation in the ONNX graph")

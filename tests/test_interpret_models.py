@@ -322,21 +322,23 @@ def test_recurrent_text_classifiers_from_torch(rnn):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_gradcheck_recurrent_with_sequence_lengths(op):
-    """Rows past their length keep their state: the gradient must not flow through the skipped steps."""
+@pytest.mark.parametrize("op,lens", [("LSTM", True), ("GRU", True), ("LSTM", False), ("GRU", False)])
+def test_gradcheck_recurrent_layers(op, lens):
+    """Stepped (with sequence lengths: rows past their length keep their state, so no gradient flows through
+    the skipped steps; with LSTM peepholes) and through torch's fused kernels (without them)."""
     rng = np.random.default_rng(4)
     gates, hidden = (4, 3) if op == "LSTM" else (3, 3)
     inits = {"W": rng.standard_normal((2, gates * hidden, 2)), "R": rng.standard_normal((2, gates * hidden, hidden)),
              "B": rng.standard_normal((2, 2 * gates * hidden))}
-    ins = ["x", "W", "R", "B", "lens"] + (["", "", "P"] if op == "LSTM" else [])
-    if op == "LSTM":
+    ins = ["x", "W", "R", "B", "lens" if lens else ""] + (["", "", "P"] if op == "LSTM" and lens else [])
+    if op == "LSTM" and lens:
         inits["P"] = rng.standard_normal((2, 3 * hidden))
+    attrs = {"linear_before_reset": 1} if op == "GRU" and not lens else {}
     g = helper.make_graph(
-        [helper.make_node(op, ins, ["", "y"], hidden_size=hidden, direction="bidirectional")], "rec",
+        [helper.make_node(op, ins, ["", "y"], hidden_size=hidden, direction="bidirectional", **attrs)], "rec",
         [helper.make_tensor_value_info("x", TP.FLOAT, [4, 3, 2])], [helper.make_tensor_value_info("y", TP.FLOAT, None)],
         [numpy_helper.from_array((0.5 * v).astype(np.float32), k) for k, v in inits.items()]
-        + [numpy_helper.from_array(np.array([4, 1, 2], np.int32), "lens")])
+        + ([numpy_helper.from_array(np.array([4, 1, 2], np.int32), "lens")] if lens else []))
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=10)
     feeds = {"x": rng.standard_normal((4, 3, 2)).astype(np.float32)}
     assert rel_err(interp_run(OnnxModule(model), feeds), ort_run(model, feeds)) <= 1e-5

@@ -640,6 +640,9 @@ case("GRU-forward")(lambda rng: _rnn(rng, "GRU"))
 case("GRU-linear-before-reset")(lambda rng: _rnn(rng, "GRU", direction="bidirectional", linear_before_reset=1, init=True))
 case("GRU-reverse-lens")(lambda rng: _rnn(rng, "GRU", direction="reverse", lens=[1, 5, 4]))
 case("RNN-forward")(lambda rng: _rnn(rng, "RNN", init=True))
+case("LSTM-bidirectional-init")(lambda rng: _rnn(rng, "LSTM", direction="bidirectional", init=True))
+case("GRU-linear-before-reset-no-bias")(lambda rng: _rnn(rng, "GRU", bias=False, linear_before_reset=1))
+case("RNN-relu")(lambda rng: _rnn(rng, "RNN", direction="bidirectional", activations=["Relu", "Relu"]))
 case("RNN-relu-bidirectional")(lambda rng: _rnn(rng, "RNN", direction="bidirectional", activations=["Relu", "Tanh"]))
 
 # ---------------------------------------------------------------------------------- parametrised

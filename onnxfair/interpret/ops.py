@@ -1782,8 +1782,37 @@ def recurrent(spec: NodeSpec) -> Kernel:
             vo = vo + p[H:2 * H] * c_new
         return f[0](pre(vo)) * f[2](c_new), c_new
 
+    # torch's fused kernels compute the same layers when nothing but the defaults is asked for: its gates
+    # come in another order (LSTM i,f,g,o for ONNX i,o,f,c; GRU r,z,n for z,r,h), and its GRU applies the
+    # reset gate after the hidden-state product, ONNX's linear_before_reset=1
+    order = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}[kind]
+    one_rnn_activation = kind == "RNN" and len({n.lower() for n in names}) == 1 and names[0].lower() in ("tanh", "relu")
+    fused = (direction != "reverse" and bound is None and (kind != "GRU" or lbr)
+             and (names == default * dirs or one_rnn_activation))
+    run_fused = {"LSTM": torch.lstm, "GRU": torch.gru,
+                 "RNN": torch.rnn_relu if names[0].lower() == "relu" else torch.rnn_tanh}[kind]
+
+    def native(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None, h0: Tensor | None, c0: Tensor | None) -> tuple:
+        idx = torch.cat([torch.arange(g * H, (g + 1) * H, device=x.device) for g in order])
+        params = []
+        for d in range(dirs):
+            params += [w[d].index_select(0, idx), r[d].index_select(0, idx)]
+            if b is not None:
+                params += [b[d, :gates * H].index_select(0, idx), b[d, gates * H:].index_select(0, idx)]
+        h = h0 if h0 is not None else x.new_zeros(dirs, x.shape[1], H)
+        if kind == "LSTM":
+            c = c0 if c0 is not None else x.new_zeros(dirs, x.shape[1], H)
+            y, y_h, y_c = run_fused(x, [h, c], params, b is not None, 1, 0.0, False, dirs == 2, False)
+        else:
+            (y, y_h), y_c = run_fused(x, h, params, b is not None, 1, 0.0, False, dirs == 2, False), None
+        y = y.reshape(x.shape[0], x.shape[1], dirs, H).permute(0, 2, 1, 3)
+        return (y, y_h, y_c) if kind == "LSTM" else (y, y_h)
+
     def k(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, seq: Tensor | None = None,
           h0: Tensor | None = None, c0: Tensor | None = None, p: Tensor | None = None) -> tuple:
+        if fused and seq is None and p is None:
+            outs = native(x, w, r, b, h0, c0)
+            return outs[0] if spec.n_outputs == 1 else outs
         steps, batch = x.shape[0], x.shape[1]
         lens = None if seq is None else seq.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
         ys, hs, cs = [], [], []
