@@ -110,12 +110,13 @@ class Session:
         return np.concatenate(outs, axis=0)
 
     def rows_interact(self, feed: dict[str, np.ndarray], out: np.ndarray) -> bool:
-        """Whether a model exported for a fixed batch k gives other outputs when its rows run more than k at a
-        time (statistics over the batch, say: per-image standardisation written for one image). If so the
-        session runs k rows at a time from now on (with a warning) and True is returned."""
-        k = self.exported_batch
+        """Whether the model gives other outputs when its rows run together than when they run k at a time,
+        k the batch it was exported for (1 when symbolic): statistics over the batch, say, such as a
+        per-image standardisation written for one image, or a normalisation whose axes include the batch. If
+        so the session runs k rows at a time from now on (with a warning) and True is returned."""
+        k = self.exported_batch or 1
         fed = len(out)
-        if k is None or fed < 2 * k:
+        if fed < 2 * k:
             return False
         probe = 2 * k
         alone = np.concatenate([self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0]
@@ -123,8 +124,9 @@ class Session:
         if np.allclose(out[:probe], alone, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(alone).max()))):
             return False
         self.declared_batch, self.batch_dynamic = k, False
-        warn_once(f"the model gives other outputs when its rows run together than when they run {k} at a time, "
-                  f"as it was exported (its rows affect one another); running {k} row{'s' * (k > 1)} at a time")
+        warn_once(f"the model gives other outputs when its rows run together than when they run {k} at a time"
+                  f"{', as it was exported' if self.exported_batch else ''} (its rows affect one another); running "
+                  f"{k} row{'s' * (k > 1)} at a time")
         return True
 
     def pin_batch(self, feed: dict[str, np.ndarray]) -> bool:
@@ -163,6 +165,21 @@ def ort_message(exc: BaseException) -> str:
 def _warn_pinned(declared: int) -> None:
     warn_once(f"model fails on batches other than {declared} (a shape is hard-coded); "
               f"running {declared} row{'s' if declared > 1 else ''} at a time")
+
+
+def _interpreter_reason(model: onnx.ModelProto) -> str:
+    """The interpreter's refusal of the same model, which names the op and why (onnxruntime's own message
+    may only name a failed check in its source), or ''."""
+    from onnxfair.interpret import unsupported_ops
+
+    try:
+        found = unsupported_ops(model)
+    except Exception:  # a model the interpreter cannot even read says nothing more
+        return ""
+    if not found:
+        return ""
+    return (f" (onnxfair cannot interpret {', '.join(found)} either; re-export the model without "
+            f"{'them' if len(found) > 1 else 'it'})")
 
 
 def create_session(
@@ -215,6 +232,8 @@ def create_session(
         newer = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
         fix = (f"; save it with ir_version {newer[2]} or lower (onnx: model.ir_version = {newer[2]}, when its opsets "
                "allow) or upgrade onnxruntime") if newer else ""
+        if not fix:
+            fix = _interpreter_reason(m)
         raise ModelError(f"onnxruntime cannot load the model: {message}{fix}") from None
     used = sess.get_providers()[0]
     if "CUDAExecutionProvider" in providers and used != "CUDAExecutionProvider":

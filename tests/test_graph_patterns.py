@@ -387,6 +387,21 @@ def test_prelu_resize_pad_pass_through():
     assert [g.size for g in an.groups] == [8]
 
 
+@pytest.mark.parametrize("op,opset", [("Upsample", 9), ("Resize", 10)])
+def test_upsample_with_computed_scales_is_frozen_for_that_reason(op, opset):
+    """interpolate(size=...) exports scales computed from shapes; the freeze said the channel axis was scaled."""
+    b = GraphBuilder()
+    x = b.conv("x", 3, 8)
+    shape = b.op("Cast", [b.op("Shape", [x])], to=1)
+    scales = b.op("Mul", [b.op("Div", [shape, shape]), b.const(np.array([1, 1, 2, 2], dtype=np.float32))])
+    up = b.op(op, [x, scales], mode="nearest")
+    m = b.model([("x", ["N", 3, 4, 4])], [_head(b, up, 8)], opset=opset)
+    name = next(n.name for n in m.graph.node if n.op_type == op)
+    reasons = [f["reason"] for f in analyze(m).frozen]
+    assert f"{op} {name} has computed scales" in " ".join(reasons)
+    assert not any("scales the channel axis" in r for r in reasons)
+
+
 def test_depthwise_multiplier_and_convtranspose():
     b = GraphBuilder()
     x = b.op("Relu", [b.conv("x", 3, 4)])

@@ -590,6 +590,9 @@ case("GroupNormalization-opset21")(lambda rng: Case(
     [N("GroupNormalization", ["x", "s", "b"], num_groups=3)], {"x": r(rng, 2, 6, 5)},
     {"s": r(rng, 6), "b": r(rng, 6)}, opset=21))
 case("LpNormalization-p2")(lambda rng: Case([N("LpNormalization", ["x"], axis=1)], {"x": r(rng, 3, 4, 2)}))
+for _p in (1, 2):
+    case(f"LpNormalization-p{_p}-zero-row")(lambda rng, pp=_p: Case(
+        [N("LpNormalization", ["x"], p=pp)], {"x": np.concatenate([np.zeros((1, 4), np.float32), r(rng, 2, 4)])}))
 case("LpNormalization-p1")(lambda rng: Case([N("LpNormalization", ["x"], p=1)], {"x": r(rng, 3, 4)}))
 case("MeanVarianceNormalization")(lambda rng: Case([N("MeanVarianceNormalization", ["x"])], {"x": r(rng, 2, 3, 4, 5)},
                                                    opset=13))
@@ -737,3 +740,17 @@ def test_same_pooling_with_a_kernel_shorter_than_its_stride_is_refused_when_run(
     np.testing.assert_array_equal(mod(x=torch.arange(14.0).reshape(1, 2, 7)).numpy()[0, 0], [0, 3, 6])
     with pytest.raises(Exception, match="kernel shorter than its stride"):
         mod(x=torch.zeros(1, 2, 9))
+
+
+def test_lp_normalization_of_a_zero_vector_has_a_finite_gradient():
+    """A ReLU before an embedding's normalisation zeroes whole rows: the norm's gradient at 0 was NaN and
+    made every importance score NaN."""
+    g = helper.make_graph([N("Relu", ["x"], ["h"]), N("LpNormalization", ["h"], p=2)], "g",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    mod = OnnxModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    x = torch.tensor([[-1.0, -2.0, -0.5], [3.0, 4.0, -1.0]], requires_grad=True)
+    y = mod(x=x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(y[0], torch.zeros(3)) and torch.isfinite(x.grad).all()
+    np.testing.assert_allclose(y[1].detach().numpy(), [0.6, 0.8, 0.0], rtol=1e-6)

@@ -322,3 +322,79 @@ def test_an_output_with_scores_per_position_is_warned_about(tmp_path):
         assert r.exit_code == 0, r.output
         said = "first output has shape [4, 3] per row, scored as 12 classes (the argmax over all of them)"
         assert (said in r.stderr) == per_position, r.stderr
+
+
+def _image_model(norm: onnx.NodeProto, inits: dict, opset: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((4, 3, 3, 3)), "fw": rng.standard_normal((2, 4)), **inits}
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4), norm,
+         helper.make_node("GlobalAveragePool", ["n"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "fw"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def test_opset_18_group_normalization_is_not_refused_by_the_checker(tmp_path):
+    """onnx marks GroupNormalization-18 deprecated (its scale is per group), so the loader's checker refused
+    every model using it, although onnxruntime runs it and so does the interpreter."""
+    m = _image_model(helper.make_node("GroupNormalization", ["c", "s", "b"], ["n"], num_groups=2),
+                     {"s": [0.5, 2.0], "b": [0.1, -0.3]}, 18)
+    onnx.save(m, tmp_path / "gn18.onnx")
+    r = run("inspect", str(tmp_path / "gn18.onnx"), "--verify", "--json", "-")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["verify"]["max_rel_diff"] < 1e-5 and rep["unsupported_ops"] == []
+    assert rep["macs"] == 6 * 6 * 4 * 27 + 8  # the Gemm after the normalisation is counted too
+
+
+def test_a_model_both_runtimes_refuse_is_explained_by_the_interpreter(tmp_path):
+    """onnxruntime's message for an even LRN size names only a failed check in its source ('2 == 1 was
+    false'); the interpreter's refusal names the op and its attribute."""
+    m = _image_model(helper.make_node("LRN", ["c"], ["n"], size=4), {}, 13)
+    onnx.save(m, tmp_path / "lrn.onnx")
+    x = np.random.default_rng(1).standard_normal((10, 3, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2, g=np.array(["a", "b"] * 5))
+    r = run("evaluate", str(tmp_path / "lrn.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].endswith(
+        "(onnxfair cannot interpret LRN(size=4) either; re-export the model without it)")
+
+
+def test_verify_reports_a_model_that_fails_at_run_time_in_one_line(tmp_path):
+    """Four groups over six channels: the interpreter's torch error used to escape as a traceback (exit 1)."""
+    m = _image_model(helper.make_node("GroupNormalization", ["c", "s", "b"], ["n"], num_groups=3),
+                     {"s": np.ones(4), "b": np.zeros(4)}, 21)
+    onnx.save(m, tmp_path / "bad.onnx")
+    r = run("inspect", str(tmp_path / "bad.onnx"), "--verify")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: --verify: onnxruntime fails on seeded random inputs (")
+
+
+def test_a_dynamic_batch_model_whose_rows_interact_is_run_a_row_at_a_time(tmp_path):
+    """MeanVarianceNormalization with its default axes [0, 2, 3] normalises over the batch too: evaluate ran
+    256 rows together and reported what no single image gives, without a word."""
+    m = _image_model(helper.make_node("MeanVarianceNormalization", ["c"], ["n"]), {}, 13)
+    onnx.save(m, tmp_path / "mvn.onnx")
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((60, 3, 6, 6)) * rng.uniform(0.2, 3, (60, 1, 1, 1))).astype(np.float32)
+    sess = ort_session(m)
+    alone = np.concatenate([sess.run(None, {"x": x[i:i + 1]})[0] for i in range(60)]).argmax(1)
+    together = sess.run(None, {"x": x})[0].argmax(1)
+    assert (alone != together).any()  # else the check proves nothing
+    y = alone.copy()
+    y[::3] = 1 - y[::3]
+    np.savez(tmp_path / "d.npz", x=x, y=y, g=np.array(["a", "b", "c"] * 20))
+    r = run("evaluate", str(tmp_path / "mvn.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g", "--json", "-")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["overall"]["accuracy"] == pytest.approx(float(np.mean(alone == y)))
+    assert ("warning: the model gives other outputs when its rows run together than when they run 1 at a time (its "
+            "rows affect one another); running 1 row at a time") in r.stderr
+
+
+def ort_session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -1028,7 +1028,10 @@ def r_resize(w: Walker, idx: int, node: onnx.NodeProto) -> None:
     if node.op_type == "Upsample" or w.opset < 11:
         src = node.input[1] if len(node.input) > 1 else ""
         scales = w.const(src) if src else np.asarray(_attrs(node).get("scales", []), dtype=np.float32)
-        if scales is None or len(scales) <= tc.axis or float(scales[tc.axis]) != 1.0:
+        if scales is None:
+            w.freeze_tc(tc, f"{label} has computed scales")
+            return
+        if len(scales) <= tc.axis or float(scales[tc.axis]) != 1.0:
             w.freeze_tc(tc, f"{label} scales the channel axis")
             return
         w.set_out(node.output[0], tc)

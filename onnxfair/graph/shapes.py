@@ -16,12 +16,36 @@ from onnxfair.model import input_dims, with_input_dims
 Dims = tuple  # tuple[int | str | None, ...]
 
 
+# ops whose output has their first input's shape, though onnx infers none for some of them
+# (GroupNormalization, MeanVarianceNormalization): without it every later layer goes uncounted
+SHAPE_KEEPING_OPS = {"GroupNormalization", "MeanVarianceNormalization", "LRN", "LpNormalization", "Shrink",
+                     "InstanceNormalization", "LayerNormalization"}
+
+
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with value_info filled by onnx shape inference (the input if inference fails)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         return model
+    for _ in range(8):  # each pass may give shapes to the next shape-keeping op down the graph
+        known = {vi.name: vi for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
+                 if _dims(vi.type) is not None}
+        outputs = {o.name for o in inferred.graph.output}
+        added = [
+            helper.make_value_info(n.output[0], known[n.input[0]].type)
+            for n in inferred.graph.node
+            if n.op_type in SHAPE_KEEPING_OPS and n.domain in ("", "ai.onnx") and n.input and n.output
+            and n.input[0] in known and n.output[0] not in known and n.output[0] not in outputs
+        ]
+        if not added:
+            break
+        inferred.graph.value_info.extend(added)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
+        except Exception:
+            break
+    return inferred
 
 
 def _dims(vi_type: onnx.TypeProto) -> Dims | None:

@@ -128,15 +128,25 @@ def batch_output(out: Any, rows: int) -> torch.Tensor:
     return out
 
 
+# what torch raises inside a kernel (a shape that does not fit, an index out of range), with the ONNX node
+# added as a note
+INTERPRETER_ERRORS = (RuntimeError, IndexError, ValueError)
+
+
+def one_line(exc: BaseException) -> str:
+    """An interpreter error and its notes (the ONNX node) on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    notes = "; ".join(getattr(exc, "__notes__", []))
+    return f"{text}{', ' + notes if notes else ''}"
+
+
 def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """`batch_output` of `mod` on `inputs`, refused when gradients are being recorded for weights that cannot
     reach the output (an ArgMax or Hardmax head): the backward pass would fail with an obscure torch error."""
     try:
         raw = mod(**inputs)
-    except RuntimeError as exc:  # torch's own error, with the ONNX node as a note: one line for the commands
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        notes = "; ".join(getattr(exc, "__notes__", []))
-        raise ModelError(f"the interpreter cannot run the model on the data ({text}{', ' + notes if notes else ''}); "
+    except INTERPRETER_ERRORS as exc:  # torch's own error: one line for the commands
+        raise ModelError(f"the interpreter cannot run the model on the data ({one_line(exc)}); "
                          "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
                          "--batch-size if memory ran out)") from None
     out = batch_output(raw, next(iter(inputs.values())).shape[0])

@@ -1704,7 +1704,14 @@ def lp_normalization(spec: NodeSpec) -> Kernel:
     p = int(spec.attr("p", 2))
     if p not in (1, 2):
         raise spec.refuse(f"p={p}")
-    return lambda x: x / torch.linalg.vector_norm(x, p, dim=axis, keepdim=True)
+
+    def k(x: Tensor) -> Tensor:
+        norm = (x.abs() if p == 1 else x * x).sum(axis, keepdim=True)
+        zero = norm == 0  # onnxruntime gives a zero vector 0, not NaN; the gradient stays finite too
+        norm = torch.where(zero, torch.ones_like(norm), norm)
+        return torch.where(zero, torch.zeros_like(x), x / (norm if p == 1 else torch.sqrt(norm)))
+
+    return k
 
 
 @register("MeanVarianceNormalization")

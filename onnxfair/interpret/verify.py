@@ -7,6 +7,7 @@ import onnx
 import torch
 
 from onnxfair.errors import ModelError, UsageError
+from onnxfair.interpret.module import INTERPRETER_ERRORS, one_line
 from onnxfair.model import input_dims, input_specs
 
 
@@ -44,15 +45,19 @@ def verify(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | No
 
     feeds = random_inputs(model, input_shapes, seed)
     mod = OnnxModule(model).eval()
-    with torch.no_grad():
-        out = mod(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    outs = out if isinstance(out, tuple) else (out,)
     sess = create_session(model, "cpu", dynamic_batch=False).session  # quiet: failures come back as one line
     try:
         refs = sess.run(None, feeds)
     except Exception as exc:
         raise ModelError(f"--verify: onnxruntime fails on seeded random inputs ({ort_message(exc)}); fix the model so "
                          "that onnxruntime runs it, or inspect without --verify") from None
+    try:
+        with torch.no_grad():
+            out = mod(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    except INTERPRETER_ERRORS as exc:
+        raise ModelError(f"--verify: the interpreter fails where onnxruntime runs ({one_line(exc)}); inspect without "
+                         "--verify, and report the model") from None
+    outs = out if isinstance(out, tuple) else (out,)
     max_abs, scale = 0.0, 0.0
     for got, ref in zip(outs, refs):
         g = got.detach().cpu()
