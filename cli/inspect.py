@@ -70,7 +70,7 @@ def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...]
     if json_out != "-":
         click.echo(_format(rep))
     emit_json(rep, json_out)
-    if rep.get("needs_input_shape"):  # the description is out; the sizes --verify, --groups and MACs need are not
+    if rep.get("needs_input_shape") or rep.get("batch_not_first"):  # described; MACs, --verify and --groups are not
         raise UsageError(rep["cost_error"])
     if "error" in rep.get("verify", {}):  # the description is out; the comparison asked for could not run
         raise UnsupportedError(rep["verify"]["error"])

@@ -6,7 +6,7 @@ from collections import Counter
 
 import onnx
 
-from onnxfair.model import fix_input_shapes, input_specs
+from onnxfair.model import batch_axis_error, fix_input_shapes, input_specs
 
 
 def _io(values) -> list[dict]:
@@ -45,6 +45,10 @@ def inspect_model(
         "op_counts": dict(sorted(ops.items())),
         "unsupported_ops": [f"{op} x{n}" for op, n in sorted(unsupported.items())],
     }
+    misplaced = batch_axis_error(model)
+    if misplaced:  # counted per row of axis 0, MACs would be per time step: describe, then refuse
+        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=misplaced, batch_not_first=True)
+        return report
     try:
         cost = model_cost(model, input_shapes)
         report.update(parameters=cost.params, macs=cost.macs, macs_batch=cost.batch, bytes=cost.bytes,

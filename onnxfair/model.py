@@ -192,12 +192,31 @@ def batch_axis_error(model: onnx.ModelProto) -> str | None:
     batch = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
     if not batch:
         return None
-    for sp in input_specs(model):
-        if sp.shape and sp.shape[0] != batch and batch in sp.shape[1:]:
+    fix = ("re-export the model with the batch first (batch_first=True for recurrent layers, or a Transpose inside "
+           "the model)")
+    specs = [sp for sp in input_specs(model) if sp.shape]
+    for sp in specs:
+        if sp.shape[0] != batch and batch in sp.shape[1:]:
             return (f"model input {sp.name!r} has shape {list(sp.shape)}: its batch ({batch}, the first output's dim 0) "
-                    f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; re-export the model "
-                    "with the batch first (batch_first=True for recurrent layers, or a Transpose inside the model)")
+                    f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; {fix}")
+    if specs and all(isinstance(sp.shape[0], int) for sp in specs):  # the output's rows come from a later axis
+        sp = next((sp for sp in specs if any(isinstance(d, str) for d in sp.shape[1:])), None)
+        if sp is not None:
+            axis = next(i for i, d in enumerate(sp.shape) if isinstance(d, str))
+            return (f"model input {sp.name!r} has shape {list(sp.shape)}: axis 0 is fixed while the first output's "
+                    f"rows ({batch}) are not, so the batch is likely on axis {axis}, and onnxfair reads rows along "
+                    f"axis 0; {fix}")
     return None
+
+
+def batch_axis_hint(shapes: dict[str, tuple[int, ...]], out_rows: int) -> str:
+    """When a model returns `out_rows` rows for inputs of these shapes and an input has that size on a later
+    axis only, the likely cause (a batch on that axis, as in a time-major recurrent model), else ''."""
+    for name, shape in shapes.items():
+        if len(shape) > 1 and shape[0] != out_rows and out_rows in shape[1:]:
+            return (f" (as many as input {name!r} has on axis {list(shape).index(out_rows, 1)}: if the batch is on that "
+                    "axis, as in a time-major recurrent model, re-export the model with the batch first)")
+    return ""
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
@@ -298,7 +317,8 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
     is kept, a symbolic one becomes `batch`. A given dim-0 value is neither applied nor checked here,
     because callers treat the batch differently (sessions take it, cost and analysis set their own). The
     exception is an input whose symbolic dim 0 is named apart from the first input's (a matrix fed beside
-    the batch, [k, 3] next to [batch, k]): that dim is no batch, so a given value applies.
+    the batch, [k, 3] next to [batch, k]): that dim is no batch, so a given value applies. A later dim
+    takes the size given for a dim of the same name on another input (input_ids' and attention_mask's seq).
     """
     inits = initializer_names(model)
     real = [vi for vi in model.graph.input if vi.name not in inits]
@@ -307,6 +327,16 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
     for name in shapes:
         if name not in names:
             raise UsageError(f"--input-shape names {name!r}, which is not a model input; inputs: {', '.join(names)}")
+    named: dict[str, int] = {}  # a dim an --input-shape sizes sizes every other input's dim of that name
+    for vi in real:
+        given = shapes.get(vi.name)
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if given is None or i == 0 or i >= len(given) or d.HasField("dim_value") or not d.dim_param:
+                continue
+            if named.get(d.dim_param, given[i]) != given[i]:
+                raise UsageError(f"--input-shape gives dim {d.dim_param!r} two sizes ({named[d.dim_param]} and "
+                                 f"{given[i]}), and the model names them as one; give it one size")
+            named[d.dim_param] = int(given[i])
     out: dict[str, tuple[int | None, ...]] = {}
     first = real[0].type.tensor_type.shape.dim if real else []
     batch_name = first[0].dim_param if len(first) and not first[0].HasField("dim_value") else None
@@ -325,6 +355,8 @@ def input_dims(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None
                 if fixed is not None and fixed != given[i]:
                     raise UsageError(f"--input-shape {vi.name}: dim {i} is fixed to {fixed} in the model, not {given[i]}")
                 dims.append(int(given[i]))
+            elif fixed is None and d.dim_param in named:
+                dims.append(named[d.dim_param])
             elif fixed is None and require_static:
                 raise UsageError(
                     f"input {vi.name!r} has a symbolic dimension {d.dim_param or '?'} at axis {i}; "

@@ -229,6 +229,7 @@ def no_channel_groups(model: onnx.ModelProto, an, ignore: tuple[str, ...] = ()) 
     has any (unstructured pruning would stop on them too), else why the channels are frozen, and the fixes
     that would work (--unstructured only when it finds weights that `ignore` leaves)."""
     from onnxfair.errors import UnsupportedError
+    from onnxfair.graph.fold import RECURRENT_OPS
     from onnxfair.interpret import unsupported_ops
     from onnxfair.interpret.compile import refusal_message
 
@@ -237,6 +238,9 @@ def no_channel_groups(model: onnx.ModelProto, an, ignore: tuple[str, ...] = ()) 
         return UnsupportedError(refusal_message(refused))
     # a space frozen for several reasons gives them joined by "; ": each reason is named once
     every = sorted({r for f in an.frozen for r in f["reason"].split("; ")})
+    recurrent = sorted({n.op_type for n in model.graph.node if n.op_type in RECURRENT_OPS})
+    if recurrent:  # their hidden units hold most weights of a text model, and no rule removes them
+        every.insert(0, f"{'/'.join(recurrent)} hidden units are not removed by channel pruning")
     reasons = "; ".join(every[:3]) or "no Conv/Gemm/MatMul channels"
     structural = [r for r in every if "graph output" not in r]
     ignored_only = bool(structural) and all("matches ignore pattern" in r for r in structural)

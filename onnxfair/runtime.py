@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxfair.errors import ModelError, NoOutputsError, RuntimeUnavailableError, UsageError
-from onnxfair.model import batch_candidates, fix_input_shapes, fixed_batch, input_specs, make_batch_dynamic
+from onnxfair.model import batch_axis_hint, batch_candidates, fix_input_shapes, fixed_batch, input_specs, make_batch_dynamic
 
 _WARNED: set[str] = set()
 
@@ -88,11 +88,14 @@ class Session:
             rows = min(step, n - start)
             if not self.batch_dynamic and rows < step:
                 feed = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)]) for k, v in feed.items()}
+            elif rows == 1 < step:  # a head that squeezes its output loses the batch axis at one row: run two
+                feed = {k: np.repeat(v, 2, axis=0) for k, v in feed.items()}
             fed = len(next(iter(feed.values())))
             try:
                 out = self.session.run(None, feed)[0]
                 error = None if out.ndim and out.shape[0] == fed else (
-                    f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}")
+                    f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}"
+                    + (batch_axis_hint({k: v.shape for k, v in feed.items()}, out.shape[0]) if out.ndim else ""))
             except Exception as exc:
                 out, error = None, ort_message(exc)
             if error is None and self.batch_dynamic and start == 0 and self.rows_interact(feed, out):
@@ -119,9 +122,13 @@ class Session:
         if fed < 2 * k:
             return False
         probe = 2 * k
-        alone = np.concatenate([self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0]
-                                for i in range(0, probe, k)])
-        if np.allclose(out[:probe], alone, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(alone).max()))):
+        parts = [self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0] for i in range(0, probe, k)]
+        if any(p.ndim == 0 or p.shape != (k, *out.shape[1:]) for p in parts):
+            return False  # k rows give no rows of the batch's form (a squeezed batch of 1, say): nothing to compare
+        alone = np.concatenate(parts)
+        finite = np.abs(alone[np.isfinite(alone)])
+        if np.allclose(out[:probe], alone, rtol=1e-4, atol=1e-5 * max(1.0, float(finite.max()) if finite.size else 1.0),
+                       equal_nan=True):  # NaN rows are refused later, with their count; they do not interact
             return False
         self.declared_batch, self.batch_dynamic = k, False
         warn_once(f"the model gives other outputs when its rows run together than when they run {k} at a time"

@@ -295,14 +295,10 @@ def test_a_failure_caused_by_one_rows_data_is_not_blamed_on_the_batch():
     assert not isinstance(err.value, ModelError)
 
 
-@pytest.mark.parametrize("command", [
-    ["evaluate"], ["risk", "--unstructured"], ["prune", "--method", "magnitude", "--unstructured", "--sparsity", "0.5"],
-])
-def test_a_model_with_its_batch_on_a_later_axis_is_refused_not_misread(tmp_path, command):
-    """A time-major LSTM ([T, N] token ids, the default of nn.LSTM) was fed rows along axis 0: evaluate
-    treated T as a fixed batch, ran the data's columns as rows and reported their accuracy (exit 0)."""
+def time_major_lstm(batch_name: str = "batch", dynamic_time: bool = False) -> onnx.ModelProto:
+    """nn.LSTM's default layout: token ids [T=6, N], the batch named `batch_name` on the input's axis 1 and
+    on the output's axis 0 (when empty, torch names the two apart), T symbolic too with `dynamic_time`."""
     torch = pytest.importorskip("torch")
-    from tests.test_graph_support import torch_export
 
     class TimeMajor(torch.nn.Module):
         def __init__(self) -> None:
@@ -312,9 +308,28 @@ def test_a_model_with_its_batch_on_a_later_axis_is_refused_not_misread(tmp_path,
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.rnn(self.embed(x))[0][-1])
 
-    model = torch_export(TimeMajor(), torch.randint(0, 20, (6, 3)), opset=17, dynamic=False)
-    for vi in (model.graph.input[0], model.graph.output[0]):  # the batch axes as the exporter names them
-        vi.type.tensor_type.shape.dim[1 if vi is model.graph.input[0] else 0].dim_param = "batch"
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    axes = {"x": {1: batch_name}, "y": {0: batch_name}} if batch_name else {"x": [1], "y": [0]}  # torch names them
+    if dynamic_time:
+        axes["x"] = [0, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TimeMajor().eval(), (torch.randint(0, 20, (6, 3)),), buf, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes=axes)
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate"], ["risk", "--unstructured"], ["prune", "--method", "magnitude", "--unstructured", "--sparsity", "0.5"],
+])
+def test_a_model_with_its_batch_on_a_later_axis_is_refused_not_misread(tmp_path, command):
+    """A time-major LSTM ([T, N] token ids, the default of nn.LSTM) was fed rows along axis 0: evaluate
+    treated T as a fixed batch, ran the data's columns as rows and reported their accuracy (exit 0)."""
+    model = time_major_lstm()
     onnx.save(model, tmp_path / "tm.onnx")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 20, (40, 6)).astype(np.int64)
@@ -328,3 +343,35 @@ def test_a_model_with_its_batch_on_a_later_axis_is_refused_not_misread(tmp_path,
         "onnxfair reads rows along axis 0; re-export the model with the batch first (batch_first=True for recurrent "
         "layers, or a Transpose inside the model)")
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_inspect_refuses_a_time_major_model_after_describing_it(tmp_path):
+    """Counted along axis 0, its MACs were those of one time step times the batch (1,248,000 for 49,216)."""
+    onnx.save(time_major_lstm(), tmp_path / "tm.onnx")
+    r = run("inspect", str(tmp_path / "tm.onnx"))
+    assert r.exit_code == 2 and r.output.startswith("input  x")
+    assert r.output.strip().splitlines()[-1].startswith("error: model input 'x' has shape [6, 'batch']: its batch")
+    assert "MACs" not in r.output
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["prune", "--method", "taylor", "--unstructured", "--sparsity", "0.5"]])
+@pytest.mark.parametrize("dynamic_time,said", [
+    (False, "model input 'x' has shape [6, 'x_dynamic_axes_1']: axis 0 is fixed while the first output's rows "
+            "(y_dynamic_axes_1) are not, so the batch is likely on axis 1, and onnxfair reads rows along axis 0"),
+    (True, "(as many as input 'x' has on axis 1: if the batch is on that axis, as in a time-major recurrent model, "
+           "re-export the model with the batch first)"),
+])
+def test_a_time_major_model_whose_dims_are_named_apart_is_refused(tmp_path, command, dynamic_time, said):
+    """Exported with the batch named differently on input and output, nothing in the file ties them. With a
+    fixed T, evaluate took T for a fixed batch and ran the data's columns as rows (exit 0); with T symbolic
+    the failure said a shape hard-codes the batch size. The first is read from the shapes, the second from
+    the row count."""
+    m = time_major_lstm("", dynamic_time)
+    onnx.save(m, tmp_path / "tm.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (40, 6)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=x[:, 0] % 2, g=rng.choice(["a", "b"], 40))
+    args = [command[0], str(tmp_path / "tm.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g", *command[1:]]
+    r = CliRunner().invoke(app, args + (["-o", str(tmp_path / "p.onnx")] if command[0] == "prune" else []))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert said in r.output.strip().splitlines()[-1]

@@ -1007,6 +1007,22 @@ def test_unstructured_prunes_a_text_lstm_and_its_report_matches_onnxruntime(tmp_
     assert rep["pruned"]["overall"]["accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == ev["y"])))
 
 
+def test_structured_pruning_of_a_text_gru_names_the_recurrent_layer(tmp_path):
+    """Embedding -> GRU -> head has no channel group; the refusal named only the classifier's output."""
+    from tests.test_interpret_models import _text_classifier
+
+    torch = pytest.importorskip("torch")
+    onnx.save(_text_classifier(torch.nn.GRU(6, 7, batch_first=True)), tmp_path / "gru.onnx")
+    x = np.random.default_rng(0).integers(0, 30, (60, 5)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=x[:, -1] % 3, g=np.array(["a", "b"] * 30))
+    r = run("prune", tmp_path / "gru.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--method", "magnitude",
+            "--sparsity", "0.5", "-o", tmp_path / "p.onnx")
+    assert r.exit_code == 2 and not (tmp_path / "p.onnx").exists()
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: nothing prunable in this graph (GRU hidden units are not removed by channel pruning; reaches graph "
+        "output y); try --unstructured")
+
+
 @pytest.mark.parametrize("ir, opset", [(3, 7), (8, 17)])
 def test_initializers_listed_as_graph_inputs_stay_listed_after_a_structured_rewrite(tmp_path, ir, opset):
     """Before: the rewrite dropped them from the graph inputs, so an IR 3 output failed the checker (every

@@ -88,3 +88,27 @@ def test_a_second_input_whose_dim0_is_named_apart_is_no_batch():
                            [helper.make_tensor_value_info("y", TP.FLOAT, None)])
     m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     assert input_dims(m2, {"z": (5, 4)}, batch=2) == {"x": (2, 4), "z": (2, 4)}
+
+
+def _two_inputs(mask_dims):
+    g = helper.make_graph([helper.make_node("Add", ["ids", "mask"], ["y"])], "g",
+                          [helper.make_tensor_value_info("ids", TP.FLOAT, ["batch", "seq"]),
+                           helper.make_tensor_value_info("mask", TP.FLOAT, mask_dims)],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_a_dim_given_for_one_input_sizes_the_same_named_dim_of_another():
+    """--input-shape ids=1,12 left the attention mask's `seq` unsized: inspect asked for a second option."""
+    m = _two_inputs(["batch", "seq"])
+    assert input_dims(m, {"ids": (1, 12)}, batch=1, require_static=True) == {"ids": (1, 12), "mask": (1, 12)}
+    with pytest.raises(UsageError, match="--input-shape gives dim 'seq' two sizes \\(12 and 10\\)"):
+        input_dims(m, {"ids": (1, 12), "mask": (1, 10)})
+    with pytest.raises(UsageError, match="input 'mask' has a symbolic dimension len at axis 1"):
+        input_dims(_two_inputs(["batch", "len"]), {"ids": (1, 12)}, require_static=True)
+
+
+def test_verify_gives_every_input_the_batch_given_for_one():
+    """--input-shape ids=3,12 gave the mask batch 2, so onnxruntime failed and the model was blamed."""
+    feeds = random_inputs(_two_inputs(["batch", "seq"]), {"ids": (3, 12)})
+    assert feeds["ids"].shape == feeds["mask"].shape == (3, 12)

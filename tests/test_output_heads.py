@@ -227,7 +227,8 @@ def test_gradient_commands_refuse_an_argmax_head_in_one_line(tiny_linear, tmp_pa
 # ---------------------------------------------------------------------------------- 3: NaN / inf outputs
 
 
-def test_nan_outputs_are_refused_saying_in_how_many_rows(tmp_path):
+def test_nan_outputs_are_refused_saying_in_how_many_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "_WARNED", set())
     m = _then(onnx.load(MLP), [helper.make_node("Log", ["logits"], ["o"])], "o", ["batch", 2])
     onnx.save(m, tmp_path / "log.onnx")
     out = _ort(tmp_path / "log.onnx", np.load(CAL)["x"])
@@ -241,6 +242,7 @@ def test_nan_outputs_are_refused_saying_in_how_many_rows(tmp_path):
         line = _one_error_line(r)
         assert f"NaN or infinite values in {bad:,} of {len(out):,} rows" in line, line
         assert "NaN" not in r.stdout
+        assert "affect one another" not in r.output  # NaN rows equal NaN rows: they do not interact
 
 
 def _no_constant(token: str):
@@ -359,3 +361,18 @@ def test_compare_refuses_models_that_score_different_class_counts(tiny_linear, t
     rep = _json("compare", tiny_linear["path"], tmp_path / "same.onnx", "--data", tiny_linear["data"], "--groups", "race",
                 "--no-latency", "--json", "-")
     assert rep["a"]["output"]["name"] == rep["b"]["output"]["name"] == "logits"
+
+
+def test_a_head_that_squeezes_every_unit_axis_loses_no_row(tmp_path):
+    """Squeeze without axes turns a batch of one row into a scalar: the rows-interact probe (one row at a time)
+    crashed with a traceback on the first batch, and a last batch of one row was refused."""
+    m = _then(_binary_body(), [helper.make_node("Squeeze", ["z"], ["o"])], "o", ["batch"])
+    p = tmp_path / "squeezed.onnx"
+    onnx.save(m, p)
+    cal = np.load(CAL)
+    rows = np.arange(257)  # 256 + 1: the last batch has one row
+    np.savez(tmp_path / "d.npz", **{k: cal[k][rows] for k in cal.files})
+    rep = _json("evaluate", p, "--data", tmp_path / "d.npz", "--groups", "race", "--no-latency", "--json", "-")
+    sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    z = sess.run(None, {"x": cal["x"][rows]})[0]
+    assert rep["overall"]["accuracy"] == pytest.approx(float(np.mean((z > 0) == cal["y"][rows])))

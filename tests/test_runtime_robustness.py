@@ -373,7 +373,7 @@ def test_verify_reports_a_model_that_fails_at_run_time_in_one_line(tmp_path):
     assert r.output.strip().splitlines()[-1].startswith("error: --verify: onnxruntime fails on seeded random inputs (")
 
 
-def test_a_dynamic_batch_model_whose_rows_interact_is_run_a_row_at_a_time(tmp_path):
+def test_a_dynamic_batch_model_whose_rows_interact_is_run_a_row_at_a_time(tmp_path, monkeypatch):
     """MeanVarianceNormalization with its default axes [0, 2, 3] normalises over the batch too: evaluate ran
     256 rows together and reported what no single image gives, without a word."""
     m = _image_model(helper.make_node("MeanVarianceNormalization", ["c"], ["n"]), {}, 13)
@@ -387,6 +387,9 @@ def test_a_dynamic_batch_model_whose_rows_interact_is_run_a_row_at_a_time(tmp_pa
     y = alone.copy()
     y[::3] = 1 - y[::3]
     np.savez(tmp_path / "d.npz", x=x, y=y, g=np.array(["a", "b", "c"] * 20))
+    from onnxfair import runtime
+
+    monkeypatch.setattr(runtime, "_WARNED", set())  # warnings are once per process
     r = run("evaluate", str(tmp_path / "mvn.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g", "--json", "-")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["overall"]["accuracy"] == pytest.approx(float(np.mean(alone == y)))

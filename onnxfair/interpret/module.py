@@ -17,7 +17,7 @@ from torch import nn
 
 from onnxfair.errors import ModelError, NoOutputsError, UnsupportedError, UsageError
 from onnxfair.interpret.compile import Plan, build_plan, refusal_message
-from onnxfair.model import batch_candidates
+from onnxfair.model import batch_axis_hint, batch_candidates
 
 
 _GENERATED = "<onnxfair.interpret generated forward>"
@@ -117,14 +117,15 @@ def _n_rows(n: int) -> str:
     return f"{n} row{'' if n == 1 else 's'}"
 
 
-def batch_output(out: Any, rows: int) -> torch.Tensor:
+def batch_output(out: Any, rows: int, inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The first graph output of a call on `rows` rows, refused when it has not one row per input row (a
     shape hard-coded to batch 1, such as Reshape(x, [1, -1]), folds the whole batch into one row)."""
     out = out[0] if isinstance(out, (tuple, list)) else out
     if out.dim() == 0 or out.shape[0] != rows:
+        hint = batch_axis_hint({k: tuple(v.shape) for k, v in (inputs or {}).items()}, out.shape[0]) if out.dim() else ""
         raise ModelError(
-            f"the model returned {tuple(out.shape)} for a batch of {rows} rows: a shape in the graph hard-codes the "
-            "batch size; re-export the model with a dynamic batch axis")
+            f"the model returned {tuple(out.shape)} for a batch of {rows} rows{hint or ': a shape in the graph '}"
+            f"{'' if hint else 'hard-codes the batch size; re-export the model with a dynamic batch axis'}")
     return out
 
 
@@ -149,7 +150,7 @@ def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> tor
         raise ModelError(f"the interpreter cannot run the model on the data ({one_line(exc)}); "
                          "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
                          "--batch-size if memory ran out)") from None
-    out = batch_output(raw, next(iter(inputs.values())).shape[0])
+    out = batch_output(raw, next(iter(inputs.values())).shape[0], inputs)
     if not out.is_floating_point():  # class indices (an ArgMax head): no scores to take a loss on, with or without grad
         raise UnsupportedError(
             f"the model's first output holds {str(out.dtype).removeprefix('torch.')} values (class indices, say), not "

@@ -17,9 +17,14 @@ def random_inputs(
     """Seeded inputs of the model's dtypes; a symbolic leading dim becomes `batch`, others need a shape."""
     rng = np.random.default_rng(seed)
     input_shapes = dict(input_shapes or {})
+    # a batch given for one input is the batch of all (lengths beside token ids must have as many rows)
+    specs = input_specs(model)
+    batch_dim = specs[0].shape[0] if specs and specs[0].shape else None
+    batch = next((int(input_shapes[s.name][0]) for s in specs if s.name in input_shapes and s.shape
+                  and isinstance(batch_dim, str) and s.shape[0] == batch_dim), batch)
     dims = input_dims(model, input_shapes, batch=batch, require_static=True)
     feeds: dict[str, np.ndarray] = {}
-    for s in input_specs(model):
+    for s in specs:
         given = input_shapes.get(s.name)
         # verify runs the model as it is, so unlike a session it cannot take another fixed batch
         if given is not None and s.shape and isinstance(s.shape[0], int) and s.shape[0] != given[0]:
