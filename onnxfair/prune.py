@@ -14,7 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -29,8 +29,8 @@ GRADIENT_METHODS = ("taylor", "fairgrape", "conflict")
 METHODS = ("magnitude",) + GRADIENT_METHODS + ("bilevel",)
 REPAIR_MODES = ("none", "balanced", "plain")  # statistics repair after selection (onnxfair.repair)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN")
-NO_UNSTRUCTURED_WEIGHTS = ("nothing prunable in this graph: no Conv/Gemm/MatMul weight initializers (a weight computed "
-                           "at run time, through a Cast say, is pruned with --structured only)")
+NO_UNSTRUCTURED_WEIGHTS = ("nothing prunable in this graph: no Conv/Gemm/MatMul/LSTM/GRU/RNN weight initializers (a "
+                           "weight computed at run time, through a Cast say, is pruned with --structured only)")
 MAX_LR = 10.0  # fine-tuning learning rates above this only destroy the weights (and near 1e37 overflow)
 MAX_ITERATIONS = 1000  # the step schedule is built in memory, one full rescoring per step
 
@@ -250,7 +250,31 @@ def no_channel_groups(model: onnx.ModelProto, an, ignore: tuple[str, ...] = ()) 
     return UsageError(f"nothing prunable in this graph ({reasons}); " + (" or ".join(fixes) or "unstructured pruning finds no weight either"))
 
 
-def _shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
+def prunable_units(model: onnx.ModelProto, cfg: PruneConfig,
+                   analysis: Callable[[], Any]) -> tuple[Any, onnx.ModelProto, list]:
+    """What a run prunes: (analysis, the graph it rewrites, its channel groups) structured, or (None, the
+    unstructured view, its weight names); refused in one line when there is nothing, so a sweep can ask
+    before its first run."""
+    if cfg.structured:
+        an = analysis()
+        if not an.groups:
+            raise no_channel_groups(model, an, cfg.ignore)
+        return an, an.model, an.groups
+    dense = unstructured_view(model)
+    units = weight_names(dense)
+    if not units:
+        raise UsageError(NO_UNSTRUCTURED_WEIGHTS)
+    if cfg.ignore:
+        ignored = ignored_initializers(model, cfg.ignore)
+        units = [u for u in units if u not in ignored]
+        if not units:
+            names = weight_names(dense)
+            raise UsageError(f"--ignore {' '.join(cfg.ignore)} covers every prunable weight "
+                             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); narrow the pattern")
+    return None, dense, units
+
+
+def shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
     return tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
 
 
@@ -393,7 +417,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     structure: dict = {}
     if cache is not None:
         cache.bind(model, calib, eval_ds)
-    shapes_key = _shapes_key(cfg.input_shapes or {})
+    size_key = shapes_key(cfg.input_shapes or {})
 
     def analysis():
         return analyze(model, input_shapes=cfg.input_shapes or None, ignore=cfg.ignore)
@@ -401,7 +425,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     with timer("analyse"):
         if held is not None or cfg.latency:  # both run the input in onnxruntime: a model it cannot load is told now
             cache_get = cache.get if cache is not None else (lambda _key, compute: compute())
-            cache_get(("loads", cfg.device, shapes_key, cfg.threads), lambda: _check_runtime_loads(model, cfg))
+            cache_get(("loads", cfg.device, size_key, cfg.threads), lambda: _check_runtime_loads(model, cfg))
         note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
         if note:
             warn_once(note)
@@ -412,28 +436,13 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                      "nothing protects them; add such rows to --data")
         for pattern in unmatched_patterns(model, cfg.ignore):
             progress(unmatched_warning(pattern))
-        if cfg.structured:
-            an = analysis() if cache is None else cache.get(("analysis", shapes_key, tuple(cfg.ignore)), analysis)
-            if not an.groups:
-                raise no_channel_groups(model, an, cfg.ignore)
+        an, dense, units = prunable_units(
+            model, cfg, analysis if cache is None else lambda: cache.get(("analysis", size_key, tuple(cfg.ignore)),
+                                                                          analysis))
+        if an is not None:
             note = round_to_note(an.groups, cfg.round_to)
             if note:
                 progress(note)
-            dense = an.model
-            units = an.groups
-        else:
-            an = None
-            dense = unstructured_view(model)
-            units = weight_names(dense)
-            if not units:
-                raise UsageError(NO_UNSTRUCTURED_WEIGHTS)
-            if cfg.ignore:
-                ignored = ignored_initializers(model, cfg.ignore)
-                units = [u for u in units if u not in ignored]
-                if not units:
-                    names = weight_names(dense)
-                    raise UsageError(f"--ignore {' '.join(cfg.ignore)} covers every prunable weight "
-                                     f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); narrow the pattern")
 
     from onnxfair.pruning_steps import finetune_and_write_back, select_masks
 
@@ -504,7 +513,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     with timer("cost"):
         def dense_cost():
             return model_cost(model, cfg.input_shapes or None)
-        cd = dense_cost() if cache is None else cache.get(("cost", shapes_key), dense_cost)
+        cd = dense_cost() if cache is None else cache.get(("cost", size_key), dense_cost)
         cp = model_cost(pruned, cfg.input_shapes or None)
         cost = {
             "macs_dense": cd.macs, "macs_pruned": cp.macs, "params_dense": cd.params, "params_pruned": cp.params,
@@ -541,7 +550,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                                          names=["the input model", "the pruned model"], **eval_kw)
             else:
                 held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, held_out_seed(cfg))
-                key = ("evaluation", held_rows, cfg.device, shapes_key, cfg.threads)
+                key = ("evaluation", held_rows, cfg.device, size_key, cfg.threads)
                 dense_block = cache.get(key, lambda: evaluate_models([model], held, latency=False,
                                                                      names=["the input model"], **eval_kw)[0])
                 bd = copy.deepcopy(dense_block)

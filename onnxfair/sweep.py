@@ -30,10 +30,10 @@ import numpy as np
 import onnx
 
 from onnxfair import __version__
-from onnxfair.data import GroupedDataset, ImageOptions, load_datasets
+from onnxfair.data import GroupedDataset, ImageOptions, load_datasets, shapes_from_rows
 from onnxfair.errors import UsageError
 from onnxfair.model import load_model, save_model_atomic, write_text_atomic
-from onnxfair.prune import METHODS, DenseCache, PruneConfig, prune_model, unused_message
+from onnxfair.prune import METHODS, DenseCache, PruneConfig, prunable_units, prune_model, shapes_key, unused_message
 from onnxfair.report import json_safe
 
 DISPARITIES = ("std_delta", "max_excess_gap", "accuracy_gap")
@@ -272,6 +272,20 @@ def foreign_models(plan: SweepPlan, result: SweepResult) -> list[Path]:
     return sorted(p for p in folder.glob("*.onnx") if p not in ours) if folder.is_dir() else []
 
 
+def _check_prunable(plan: SweepPlan, model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDataset | None,
+                    cache: DenseCache) -> None:
+    """Refuse a grid whose runs would all stop on the same 'nothing prunable'; the analysis is kept in
+    `cache` for the runs of this process, under the key prune uses."""
+    from onnxfair.graph import analyze
+
+    shapes = shapes_from_rows(model, plan.base.input_shapes, [calib, eval_ds])
+    cfg = dataclasses.replace(plan.base, input_shapes=shapes)
+    cache.bind(model, calib, eval_ds)
+    key = ("analysis", shapes_key(shapes), tuple(cfg.ignore))
+    prunable_units(model, cfg, lambda: cache.get(key, lambda: analyze(model, input_shapes=shapes or None,
+                                                                      ignore=cfg.ignore)))
+
+
 def prepare_out(plan: SweepPlan) -> None:
     """Create --out and the folders the runs write to; a failure is one line (UsageError), not a traceback."""
     for folder in [Path(plan.out), *_folders(plan).values()]:
@@ -478,6 +492,8 @@ def run_sweep(
     runs = expand(plan)
     out = Path(plan.out)
     check_out(plan, runs)
+    cache = DenseCache()
+    _check_prunable(plan, model, calib, eval_ds, cache)  # before any folder is made or run announced
     prepare_out(plan)
     fingerprint = inputs_fingerprint(plan, calib, eval_ds)
     keys = {r.run_id: run_key(r.cfg, fingerprint) for r in runs}
@@ -509,7 +525,7 @@ def run_sweep(
             progress(f"warning: {rid}: {w}")
 
     if jobs == 1:
-        _STATE.update(plan=plan, model=model, calib=calib, eval_ds=eval_ds, cache=DenseCache())
+        _STATE.update(plan=plan, model=model, calib=calib, eval_ds=eval_ds, cache=cache)
         try:
             for r in todo:
                 finished(*_execute(r, keys[r.run_id]))

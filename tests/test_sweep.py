@@ -876,3 +876,19 @@ def test_workers_start_ignoring_ctrl_c():
         p.join(timeout=60)
     assert seen == [False, True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_grid_with_nothing_to_prune_is_refused_before_any_run(tmp_path, structured):
+    """Every run stopped on the same refusal, after 'running 2 runs' and with empty folders left in --out."""
+    b = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(b, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "relu.onnx")
+    x = np.random.default_rng(0).normal(size=(30, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=x.argmax(1), g=np.array(["a", "b", "c"] * 10))
+    r = CliRunner().invoke(app, ["sweep", str(tmp_path / "relu.onnx"), "--data", str(tmp_path / "d.npz"), "--groups", "g",
+                                 "--methods", "magnitude,taylor", "--sparsities", "0.5", "--out", str(tmp_path / "sw"),
+                                 "--no-plots", *([] if structured else ["--unstructured"])])
+    assert r.exit_code == 2 and "running" not in r.output and not (tmp_path / "sw").exists()
+    assert r.output.strip().splitlines()[-1].startswith("error: nothing prunable in this graph")
