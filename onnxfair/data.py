@@ -362,18 +362,6 @@ def shapes_from_rows(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] 
         say(f"input {name!r}: symbolic dims set from the data's rows: {','.join(map(str, shapes[name]))} "
             "(--input-shape sets them)")
     return shapes
-    (name, d), = dims.items()
-    rows = {tuple(ds.inputs[name].shape[1:]) for ds in datasets if ds is not None and name in ds.inputs}
-    if name in shapes or None not in d[1:] or not rows:
-        return shapes
-    if len(rows) > 1:
-        sizes = " and ".join("x".join(map(str, r)) for r in sorted(rows))
-        raise UsageError(f"input {name!r} leaves dims symbolic and the data's rows come in two sizes ({sizes}); "
-                         "give --data and --eval-data at one size")
-    shapes[name] = (d[0] or 1, *rows.pop())
-    say(f"input {name!r}: symbolic dims set from the data's rows: {','.join(map(str, shapes[name]))} "
-        "(--input-shape sets them)")
-    return shapes
 
 
 def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label: str):

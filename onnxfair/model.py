@@ -54,22 +54,28 @@ def load_model(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def _without_deprecated_ops(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model the checker is shown: GroupNormalization at opsets 18-20 becomes an Identity, since onnx
-    marks that version deprecated (its scale is per group) while onnxruntime runs it; the rest is checked
-    as it is. The model itself when it has none."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if not 18 <= opset < 21 or not any(n.op_type == "GroupNormalization" and n.domain in ("", "ai.onnx")
-                                       for n in model.graph.node):
+def with_ops_as_identity(model: onnx.ModelProto, ops: set[str]) -> onnx.ModelProto:
+    """Copy in which the default-domain nodes of `ops` (each keeping its first input's shape and type) are
+    Identity nodes: what onnx's checker and shape inference are shown when they cannot read those ops. The
+    model itself when it has none."""
+    if not any(n.op_type in ops and n.domain in ("", "ai.onnx") for n in model.graph.node):
         return model
     shown = onnx.ModelProto()
     shown.CopyFrom(model)
     for n in shown.graph.node:
-        if n.op_type == "GroupNormalization" and n.domain in ("", "ai.onnx"):
+        if n.op_type in ops and n.domain in ("", "ai.onnx"):
             n.op_type = "Identity"
             del n.input[1:]
+            del n.output[1:]
             del n.attribute[:]
     return shown
+
+
+def _without_deprecated_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model the checker is shown: GroupNormalization at opsets 18-20 becomes an Identity, since onnx
+    marks that version deprecated (its scale is per group) while onnxruntime runs it."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return with_ops_as_identity(model, {"GroupNormalization"}) if 18 <= opset < 21 else model
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -183,6 +189,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+BATCH_FIRST_FIX = ("re-export the model with the batch first (batch_first=True for recurrent layers, or a Transpose "
+                   "inside the model)")
+
+
 def batch_axis_error(model: onnx.ModelProto) -> str | None:
     """The refusal for a model that takes its batch on an axis other than 0 (a time-major recurrent layer,
     say): the first output's dim 0 is a symbolic dim that an input holds on a later axis only. Fed rows along
@@ -192,20 +202,20 @@ def batch_axis_error(model: onnx.ModelProto) -> str | None:
     batch = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
     if not batch:
         return None
-    fix = ("re-export the model with the batch first (batch_first=True for recurrent layers, or a Transpose inside "
-           "the model)")
+    fix = BATCH_FIRST_FIX
     specs = [sp for sp in input_specs(model) if sp.shape]
     for sp in specs:
         if sp.shape[0] != batch and batch in sp.shape[1:]:
             return (f"model input {sp.name!r} has shape {list(sp.shape)}: its batch ({batch}, the first output's dim 0) "
                     f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; {fix}")
-    if specs and all(isinstance(sp.shape[0], int) for sp in specs):  # the output's rows come from a later axis
-        sp = next((sp for sp in specs if any(isinstance(d, str) for d in sp.shape[1:])), None)
+    # every axis 0 fixed (above 1: a batch of 1 pinned in the input alone is common) and an axis 1 that is not:
+    # the output's rows come from that axis, as [T, N] token ids with T fixed
+    if specs and all(isinstance(sp.shape[0], int) for sp in specs):
+        sp = next((sp for sp in specs if sp.shape[0] > 1 and len(sp.shape) > 1 and isinstance(sp.shape[1], str)), None)
         if sp is not None:
-            axis = next(i for i, d in enumerate(sp.shape) if isinstance(d, str))
             return (f"model input {sp.name!r} has shape {list(sp.shape)}: axis 0 is fixed while the first output's "
-                    f"rows ({batch}) are not, so the batch is likely on axis {axis}, and onnxfair reads rows along "
-                    f"axis 0; {fix}")
+                    f"rows ({batch}) are not, so the batch is likely on axis 1, and onnxfair reads rows along axis 0; "
+                    f"{fix}")
     return None
 
 
@@ -215,7 +225,7 @@ def batch_axis_hint(shapes: dict[str, tuple[int, ...]], out_rows: int) -> str:
     for name, shape in shapes.items():
         if len(shape) > 1 and shape[0] != out_rows and out_rows in shape[1:]:
             return (f" (as many as input {name!r} has on axis {list(shape).index(out_rows, 1)}: if the batch is on that "
-                    "axis, as in a time-major recurrent model, re-export the model with the batch first)")
+                    f"axis, as in a time-major recurrent model, {BATCH_FIRST_FIX})")
     return ""
 
 

@@ -102,7 +102,9 @@ class Session:
                 step = self.declared_batch
                 continue
             if error is not None:
-                if self.batch_dynamic and start == 0 and self.pin_batch(feed):
+                columns = out is not None and out.ndim and batch_axis_hint({k: v.shape for k, v in feed.items()},
+                                                                            out.shape[0])
+                if self.batch_dynamic and start == 0 and not columns and self.pin_batch(feed):
                     # A Reshape constant that hard-codes the batch defeats the dynamic batch: it fails, or it
                     # folds the rows together.
                     step = self.declared_batch
@@ -122,7 +124,10 @@ class Session:
         if fed < 2 * k:
             return False
         probe = 2 * k
-        parts = [self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0] for i in range(0, probe, k)]
+        try:
+            parts = [self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0] for i in range(0, probe, k)]
+        except Exception:  # a graph that runs any batch but k (a Squeeze of every unit axis, say): nothing to compare
+            return False
         if any(p.ndim == 0 or p.shape != (k, *out.shape[1:]) for p in parts):
             return False  # k rows give no rows of the batch's form (a squeezed batch of 1, say): nothing to compare
         alone = np.concatenate(parts)

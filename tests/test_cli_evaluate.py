@@ -359,7 +359,8 @@ def test_inspect_refuses_a_time_major_model_after_describing_it(tmp_path):
     (False, "model input 'x' has shape [6, 'x_dynamic_axes_1']: axis 0 is fixed while the first output's rows "
             "(y_dynamic_axes_1) are not, so the batch is likely on axis 1, and onnxfair reads rows along axis 0"),
     (True, "(as many as input 'x' has on axis 1: if the batch is on that axis, as in a time-major recurrent model, "
-           "re-export the model with the batch first)"),
+           "re-export the model with the batch first (batch_first=True for recurrent layers, or a Transpose inside "
+           "the model))"),
 ])
 def test_a_time_major_model_whose_dims_are_named_apart_is_refused(tmp_path, command, dynamic_time, said):
     """Exported with the batch named differently on input and output, nothing in the file ties them. With a

@@ -207,3 +207,21 @@ def test_nodes_whose_macs_cannot_be_counted_are_named(tmp_path):
     assert r.exit_code == 0, r.output
     assert ("note: the MACs of 1 node (mm) could not be counted: their shapes are unknown (data-dependent, say); the "
             "MACs figures leave them out") in r.output.splitlines()
+
+
+def test_a_long_chain_of_group_normalisations_is_counted_to_its_end():
+    """Shapes were passed through one shape-keeping op per inference pass, for 8 passes: a ninth Conv+GN
+    layer and every layer after it went uncounted."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(12):
+        inits += [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(np.ones(4, np.float32), f"s{i}"),
+                  numpy_helper.from_array(np.zeros(4, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1] * 4),
+                  helper.make_node("GroupNormalization", [f"c{i}", f"s{i}", f"b{i}"], [f"n{i}"], num_groups=2)]
+        x = f"n{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    cost = model_cost(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10))
+    assert cost.unknown == [] and cost.macs == 12 * 5 * 5 * 4 * 36

@@ -754,3 +754,43 @@ def test_lp_normalization_of_a_zero_vector_has_a_finite_gradient():
     (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(y[0], torch.zeros(3)) and torch.isfinite(x.grad).all()
     np.testing.assert_allclose(y[1].detach().numpy(), [0.6, 0.8, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bad", ["initial_h", "hidden_size"])
+def test_recurrent_operands_of_the_wrong_shape_are_refused_not_read_out_of_bounds(op, bad):
+    """torch's fused kernels skip the checks onnxruntime makes: an initial state of another batch crashed the
+    process (LSTM) or read out of bounds (GRU), and a hidden_size below W's rows ran on the wrong rows."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r(rng, 1, gates * 6, 4), "W"), numpy_helper.from_array(r(rng, 1, gates * 6, 6), "R"),
+             numpy_helper.from_array(r(rng, 1, 1, 6), "h0")]
+    ins = ["x", "W", "R", "", "", "h0"] if bad == "initial_h" else ["x", "W", "R"]
+    node = N(op, ins, ["", "y"], hidden_size=6 if bad == "initial_h" else 4)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TP.FLOAT, [5, 3, 4])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)], inits)
+    mod = OnnxModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], ir_version=10))
+    with pytest.raises(RuntimeError, match="has shape"):
+        mod(x=torch.zeros(5, 3, 4))
+
+
+def test_mean_variance_normalization_of_a_constant_channel_has_a_finite_gradient():
+    """A pruned channel is constant: sqrt's gradient at a zero variance made every importance score NaN."""
+    g = helper.make_graph([N("MeanVarianceNormalization", ["x"], axes=[0, 2])], "g",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 4])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    mod = OnnxModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=10))
+    x = torch.randn(2, 3, 4)
+    x[:, 1] = 0.5
+    x.requires_grad_(True)
+    y = mod(x=x)
+    (y * torch.randn(2, 3, 4)).sum().backward()
+    assert torch.equal(y[:, 1], torch.zeros(2, 4)) and torch.isfinite(x.grad).all()
+
+
+def test_topk_refuses_nan_inputs_whose_order_onnxruntime_does_not_define():
+    g = helper.make_graph([N("TopK", ["x", "k"], ["v", "i"])], "g", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 6])],
+                          [helper.make_tensor_value_info("v", TP.FLOAT, None)], [numpy_helper.from_array(i64([3]), "k")])
+    mod = OnnxModule(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=10))
+    with pytest.raises(Exception, match="TopK node .* gets NaN values"):
+        mod(x=torch.tensor([[1.0, float("nan"), 3.0, 2.0, float("nan"), 0.0]]))

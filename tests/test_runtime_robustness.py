@@ -401,3 +401,33 @@ def ort_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_a_model_that_runs_any_batch_but_one_is_not_probed_into_a_crash():
+    """The one-row probe of the rows-interact check ran outside the error handling: a Squeeze of every unit
+    axis followed by a Transpose fails at one row only, and onnxruntime's exception escaped."""
+    from onnxfair.runtime import create_session
+
+    w = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    nodes = [helper.make_node("Squeeze", ["x"], ["s"]), helper.make_node("Transpose", ["s"], ["t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["W", "t"], ["z"]), helper.make_node("Transpose", ["z"], ["y"], perm=[1, 0])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = np.random.default_rng(1).normal(size=(10, 1, 4)).astype(np.float32)
+    np.testing.assert_allclose(create_session(m, "cpu").run({"x": x}), x[:, 0] @ w.T, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,refused", [
+    ([1, "seq"], False),  # a batch of 1 pinned in the input only: run one row at a time, not refused
+    ([4, 3, "h", "w"], False),  # a fixed batch of images with symbolic sizes
+    ([6, "n"], True),  # token ids [T, N] with T fixed
+])
+def test_a_fixed_axis_0_beside_symbolic_output_rows_is_refused_only_for_time_major_shapes(shape, refused):
+    from onnxfair.model import batch_axis_error
+
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=0)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    assert (batch_axis_error(m) is not None) == refused

@@ -11,41 +11,32 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxfair.graph.fold import fold_constants
-from onnxfair.model import input_dims, with_input_dims
+from onnxfair.model import input_dims, with_input_dims, with_ops_as_identity
 
 Dims = tuple  # tuple[int | str | None, ...]
 
 
-# ops whose output has their first input's shape, though onnx infers none for some of them
-# (GroupNormalization, MeanVarianceNormalization): without it every later layer goes uncounted
-SHAPE_KEEPING_OPS = {"GroupNormalization", "MeanVarianceNormalization", "LRN", "LpNormalization", "Shrink",
-                     "InstanceNormalization", "LayerNormalization"}
+# ops whose output has their first input's shape, though onnx infers none for them: without it every
+# later layer would go uncounted, so inference is shown them as Identity nodes
+SHAPE_KEEPING_OPS = {"GroupNormalization", "MeanVarianceNormalization"}
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with value_info filled by onnx shape inference (the input if inference fails)."""
+    shown = with_ops_as_identity(model, SHAPE_KEEPING_OPS)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(shown, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         return model
-    for _ in range(8):  # each pass may give shapes to the next shape-keeping op down the graph
-        known = {vi.name: vi for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
-                 if _dims(vi.type) is not None}
-        outputs = {o.name for o in inferred.graph.output}
-        added = [
-            helper.make_value_info(n.output[0], known[n.input[0]].type)
-            for n in inferred.graph.node
-            if n.op_type in SHAPE_KEEPING_OPS and n.domain in ("", "ai.onnx") and n.input and n.output
-            and n.input[0] in known and n.output[0] not in known and n.output[0] not in outputs
-        ]
-        if not added:
-            break
-        inferred.graph.value_info.extend(added)
-        try:
-            inferred = onnx.shape_inference.infer_shapes(inferred, check_type=False, strict_mode=False, data_prop=True)
-        except Exception:
-            break
-    return inferred
+    if shown is model:
+        return inferred
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    for o, known in zip(out.graph.output, inferred.graph.output):
+        o.CopyFrom(known)
+    return out
 
 
 def _dims(vi_type: onnx.TypeProto) -> Dims | None:

@@ -131,7 +131,7 @@ def batch_output(out: Any, rows: int, inputs: Mapping[str, torch.Tensor] | None 
 
 # what torch raises inside a kernel (a shape that does not fit, an index out of range), with the ONNX node
 # added as a note
-INTERPRETER_ERRORS = (RuntimeError, IndexError, ValueError)
+INTERPRETER_ERRORS = (RuntimeError, IndexError)
 
 
 def one_line(exc: BaseException) -> str:

@@ -1514,6 +1514,9 @@ def topk(spec: NodeSpec) -> Kernel:
         n = int(k_attr if k_attr is not None else k_const if k_const is not None else _scalar(kk.reshape(-1)[0]))
         if not 0 <= n <= x.shape[a]:
             raise ModelError(f"TopK node {spec.name!r}: k={n} is outside 0..{x.shape[a]} on axis {a}")
+        if x.is_floating_point() and bool(torch.isnan(x).any()):
+            raise ModelError(f"TopK node {spec.name!r} gets NaN values, whose order onnxruntime leaves to its sorting "
+                             "routine; onnxfair cannot match it (check the inputs that lead to NaN)")
         # a stable sort puts equal values in index order, as onnxruntime does
         idx = torch.sort(x.detach(), dim=a, descending=largest, stable=True).indices.narrow(a, 0, n)
         return torch.gather(x, a, idx), idx
@@ -1720,8 +1723,10 @@ def mean_variance_normalization(spec: NodeSpec) -> Kernel:
 
     def k(x: Tensor) -> Tensor:
         mean = x.mean(axes, keepdim=True)
-        var = (x * x).mean(axes, keepdim=True) - mean * mean
-        return (x - mean) / (torch.sqrt(var) + 1e-9)
+        var = ((x * x).mean(axes, keepdim=True) - mean * mean).clamp_min(0)
+        flat = var == 0  # a constant (or pruned) channel: sqrt's gradient at 0 is infinite, so it is kept out
+        std = torch.where(flat, torch.zeros_like(var), torch.sqrt(torch.where(flat, torch.ones_like(var), var)))
+        return (x - mean) / (std + 1e-9)
 
     return k
 
@@ -1731,41 +1736,63 @@ def mean_variance_normalization(spec: NodeSpec) -> Kernel:
 _RNN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"sigmoid": torch.sigmoid, "tanh": torch.tanh,
                                                            "relu": torch.relu}
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-_RNN_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+_RNN_DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"], "RNN": ["tanh"]}
+# torch's gate order in ONNX's terms: LSTM i,f,g,o for ONNX i,o,f,c; GRU r,z,n for z,r,h
+_TORCH_GATE_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+
+
+def _check_recurrent_shapes(spec: NodeSpec, x: Tensor, dirs: int, gates: int, hidden: int,
+                            operands: dict[str, Tensor | None]) -> None:
+    """The shapes onnxruntime requires of W, R, B, the initial states and the peepholes: torch's fused
+    kernels read out of bounds (or crash the process) on a mismatch instead of failing."""
+    steps, batch, size = x.shape
+    want = {"W": (dirs, gates * hidden, size), "R": (dirs, gates * hidden, hidden), "B": (dirs, 2 * gates * hidden),
+            "initial_h": (dirs, batch, hidden), "initial_c": (dirs, batch, hidden), "P": (dirs, 3 * hidden)}
+    for name, t in operands.items():
+        if t is not None and tuple(t.shape) != want[name]:
+            raise RuntimeError(f"{spec.op_type} node {spec.name!r}: input {name} has shape {list(t.shape)}, not "
+                               f"{list(want[name])} (hidden_size {hidden}, batch {batch})")
 
 
 @register("LSTM", "GRU", "RNN")
 def recurrent(spec: NodeSpec) -> Kernel:
-    """ONNX LSTM (gates i, o, f, c), GRU (z, r, h) and RNN, stepped in time order (reversed for the reverse
-    direction); rows past their `sequence_lens` keep their state and output zeros, as onnxruntime does."""
+    """ONNX LSTM, GRU and RNN. With the default activations and no peepholes, clip or `sequence_lens`, torch's
+    fused kernels compute them (forward and bidirectional; torch's GRU is ONNX's linear_before_reset=1);
+    otherwise they are stepped in time order, rows past their length keeping their state and giving zeros,
+    as onnxruntime does."""
     kind = spec.op_type
     gates = _RNN_GATES[kind]
-    hidden = int(spec.attr("hidden_size"))
+    H = int(spec.attr("hidden_size"))
     direction = spec.attr("direction", "forward")
     if direction not in ("forward", "reverse", "bidirectional"):
         raise spec.refuse(f"direction={direction}")
     dirs = 2 if direction == "bidirectional" else 1
     if int(spec.attr("layout", 0)):
         raise spec.refuse("layout=1", "onnxruntime runs time-major recurrent layers only")
-    clip = spec.attr("clip")
     if int(spec.attr("input_forget", 0)):
         raise spec.refuse("input_forget=1")
     default = _RNN_DEFAULT_ACTIVATIONS[kind]
-    names = spec.attr("activations") or default * dirs
+    given = spec.attr("activations") or []
+    names = [n.lower() for n in given] or default * dirs  # onnxruntime reads them in any case
     if len(names) != len(default) * dirs:
         raise spec.refuse("activations", f"needs {len(default) * dirs} names, has {len(names)}")
-    unknown = sorted({n for n in names if n.lower() not in _RNN_ACTIVATIONS})
+    unknown = sorted({n for n in given if n.lower() not in _RNN_ACTIVATIONS})
     if unknown:
         raise spec.refuse(f"activations={','.join(unknown)}")
-    acts = [[_RNN_ACTIVATIONS[n.lower()] for n in names[d * len(default):(d + 1) * len(default)]] for d in range(dirs)]
+    acts = [[_RNN_ACTIVATIONS[n] for n in names[d * len(default):(d + 1) * len(default)]] for d in range(dirs)]
     lbr = bool(int(spec.attr("linear_before_reset", 0)))
+    clip = spec.attr("clip")
     bound = None if clip is None else float(clip)
-    H = hidden
+    one_rnn_activation = kind == "RNN" and len(set(names)) == 1 and names[0] in ("tanh", "relu")
+    fused = (direction != "reverse" and bound is None and (kind != "GRU" or lbr)
+             and (names == default * dirs or one_rnn_activation))
 
     def pre(v: Tensor) -> Tensor:
         return v if bound is None else v.clamp(-bound, bound)
 
-    def cell(d: int, xw: Tensor, h: Tensor, c: Tensor | None, r: Tensor, rb: Tensor | None, p: Tensor | None):
+    def cell(d: int, xw: Tensor, h: Tensor, c: Tensor | None, r: Tensor, rb: Tensor | None,
+             p: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One step of direction d from the input's product `xw`: the new hidden (and LSTM cell) state."""
         f = acts[d]
         if kind == "RNN":
             v = xw + h @ r.t() + (0 if rb is None else rb)
@@ -1789,39 +1816,27 @@ def recurrent(spec: NodeSpec) -> Kernel:
             vo = vo + p[H:2 * H] * c_new
         return f[0](pre(vo)) * f[2](c_new), c_new
 
-    # torch's fused kernels compute the same layers when nothing but the defaults is asked for: its gates
-    # come in another order (LSTM i,f,g,o for ONNX i,o,f,c; GRU r,z,n for z,r,h), and its GRU applies the
-    # reset gate after the hidden-state product, ONNX's linear_before_reset=1
-    order = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}[kind]
-    one_rnn_activation = kind == "RNN" and len({n.lower() for n in names}) == 1 and names[0].lower() in ("tanh", "relu")
-    fused = (direction != "reverse" and bound is None and (kind != "GRU" or lbr)
-             and (names == default * dirs or one_rnn_activation))
-    run_fused = {"LSTM": torch.lstm, "GRU": torch.gru,
-                 "RNN": torch.rnn_relu if names[0].lower() == "relu" else torch.rnn_tanh}[kind]
-
     def native(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None, h0: Tensor | None, c0: Tensor | None) -> tuple:
-        idx = torch.cat([torch.arange(g * H, (g + 1) * H, device=x.device) for g in order])
+        idx = torch.cat([torch.arange(g * H, (g + 1) * H, device=x.device) for g in _TORCH_GATE_ORDER[kind]])
         params = []
         for d in range(dirs):
             params += [w[d].index_select(0, idx), r[d].index_select(0, idx)]
             if b is not None:
                 params += [b[d, :gates * H].index_select(0, idx), b[d, gates * H:].index_select(0, idx)]
         h = h0 if h0 is not None else x.new_zeros(dirs, x.shape[1], H)
+        args = (params, b is not None, 1, 0.0, False, dirs == 2, False)
         if kind == "LSTM":
             c = c0 if c0 is not None else x.new_zeros(dirs, x.shape[1], H)
-            y, y_h, y_c = run_fused(x, [h, c], params, b is not None, 1, 0.0, False, dirs == 2, False)
+            y, y_h, y_c = torch.lstm(x, [h, c], *args)
         else:
-            (y, y_h), y_c = run_fused(x, h, params, b is not None, 1, 0.0, False, dirs == 2, False), None
+            run = torch.gru if kind == "GRU" else torch.rnn_relu if names[0] == "relu" else torch.rnn_tanh
+            (y, y_h), y_c = run(x, h, *args), None
         y = y.reshape(x.shape[0], x.shape[1], dirs, H).permute(0, 2, 1, 3)
         return (y, y_h, y_c) if kind == "LSTM" else (y, y_h)
 
-    def k(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, seq: Tensor | None = None,
-          h0: Tensor | None = None, c0: Tensor | None = None, p: Tensor | None = None) -> tuple:
-        if fused and seq is None and p is None:
-            outs = native(x, w, r, b, h0, c0)
-            return outs[0] if spec.n_outputs == 1 else outs
+    def stepped(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None, lens: Tensor | None, h0: Tensor | None,
+                c0: Tensor | None, p: Tensor | None) -> tuple:
         steps, batch = x.shape[0], x.shape[1]
-        lens = None if seq is None else seq.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
         ys, hs, cs = [], [], []
         for d in range(dirs):
             xw = x @ w[d].t() + (0 if b is None else b[d, :gates * H])
@@ -1844,8 +1859,17 @@ def recurrent(spec: NodeSpec) -> Kernel:
             hs.append(h)
             cs.append(c)
         y, y_h = torch.stack(ys, 1), torch.stack(hs)  # [T, D, B, H], [D, B, H]
-        y_c = torch.stack(cs) if kind == "LSTM" else None
-        outs = (y, y_h, y_c) if kind == "LSTM" else (y, y_h)
+        return (y, y_h, torch.stack(cs)) if kind == "LSTM" else (y, y_h)
+
+    def k(x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, seq: Tensor | None = None,
+          h0: Tensor | None = None, c0: Tensor | None = None, p: Tensor | None = None) -> Any:
+        _check_recurrent_shapes(spec, x, dirs, gates, H, {"W": w, "R": r, "B": b, "initial_h": h0,
+                                                          "initial_c": c0, "P": p})
+        if fused and seq is None and p is None:
+            outs = native(x, w, r, b, h0, c0)
+        else:
+            lens = None if seq is None else seq.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
+            outs = stepped(x, w, r, b, lens, h0, c0, p)
         return outs[0] if spec.n_outputs == 1 else outs
 
     return k
