@@ -9,7 +9,7 @@ from cli.outputs import check_outputs
 from onnxfair.errors import UsageError
 from onnxfair.evaluate import evaluate_models
 from onnxfair.head import scored_output
-from onnxfair.metrics import degradation
+from onnxfair.metrics import degradation, std_delta_uncertainty
 from onnxfair.model import class_count, input_specs
 from onnxfair.prune import latency_summary
 from onnxfair.report import format_comparison, format_evaluation
@@ -56,10 +56,11 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     shapes = parse_input_shapes(input_shape)
     ds, = load_data([data], a, kw, shapes)
     progress(f"comparing {model_a} and {model_b} on {len(ds)} rows")
+    correct: list = []
     ea, eb = evaluate_models([a, b], ds, device=device, batch_size=batch_size, latency=not no_latency,
-                             latency_batch=latency_batch, input_shapes=shapes, names=[model_a, model_b])
+                             latency_batch=latency_batch, input_shapes=shapes, names=[model_a, model_b], correct=correct)
     _same_classes(ea["output"], eb["output"])  # the outputs themselves, where the declared shapes did not tell
-    deg = degradation(ea, eb)
+    deg = {**degradation(ea, eb), **(std_delta_uncertainty(*correct, ds.group_ids) or {})}
     if json_out != "-":
         click.echo(format_comparison(ea, eb, deg, "A", "B"))
     speedup = latency_summary(ea["latency"], eb["latency"])["speedup"] if ea.get("latency") and eb.get("latency") else None

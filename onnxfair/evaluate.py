@@ -11,7 +11,7 @@ import onnx
 from onnxfair.data import GroupedDataset, check_labels
 from onnxfair.errors import DataError, ModelError
 from onnxfair.head import output_activation, scored_output, several_outputs_note
-from onnxfair.metrics import CONVENTIONS, evaluation_block
+from onnxfair.metrics import CONVENTIONS, evaluation_block, predictions
 from onnxfair.model import classes_of
 from onnxfair.runtime import create_session, latency_inputs, measure_latency, timing_batch, warn_once
 
@@ -28,11 +28,13 @@ def evaluate_models(
     repeats: int = 30,
     phase: Callable[[str], ContextManager] | None = None,
     names: list[str] | None = None,
+    correct: list[np.ndarray] | None = None,
 ) -> list[dict]:
     """Evaluation blocks for several models on the same rows; latency repetitions interleaved across them.
 
     `phase` (a timer opening a named phase) lets a caller book the latency repetitions as their own phase;
-    `names` name the models in messages (default: "the model", or "model 1", "model 2", ...)."""
+    `names` name the models in messages (default: "the model", or "model 1", "model 2", ...); `correct`,
+    when given, receives each model's per-row correctness (for the uncertainty of the degradation)."""
     names = names or (["the model"] if len(models) == 1 else [f"model {i + 1}" for i in range(len(models))])
     for i, (m, name) in enumerate(zip(models, names)):
         note = several_outputs_note(m, name)
@@ -52,6 +54,8 @@ def evaluate_models(
         check_labels(ds.y, classes_of(out.shape) if out.dtype.kind == "f" else None)
         activation = output_activation(m)
         block = evaluation_block(out, ds.y, ds.group_ids, ds.group_labels, activation is not None)
+        if correct is not None:
+            correct.append(predictions(out, activation is not None) == ds.y)
         block["output"] = {**(scored_output(m) or {}), "read_as": _read_as(out, activation),
                            "classes": classes_of(out.shape) if out.dtype.kind == "f" else None}
         block["conventions"] = CONVENTIONS

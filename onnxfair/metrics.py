@@ -125,6 +125,44 @@ def evaluation_block(
     }
 
 
+RESAMPLES = 1000  # bootstrap draws for std_delta's interval
+RELABELLINGS = 200  # random regroupings for its noise floor
+
+
+def std_delta_uncertainty(dense_ok: np.ndarray, pruned_ok: np.ndarray, group_ids: np.ndarray,
+                          seed: int = 0) -> dict | None:
+    """How precisely the evaluated rows measure std_delta: its 90 % bootstrap interval (rows resampled
+    within each group, group sizes kept) and its noise floor, the median std_delta over random regroupings
+    of the rows into groups of the same sizes, i.e. what sampling noise gives with no group effect at all.
+
+    A row's change is pruned_ok - dense_ok in {-1, 0, 1} and a group's delta is its mean, so a resampled
+    group draws its counts of each change from a multinomial, and a regrouping from a multivariate
+    hypergeometric: no array of resampled rows is built. None with fewer than two groups."""
+    change = pruned_ok.astype(np.int64) - dense_ok.astype(np.int64)
+    present = np.unique(group_ids)
+    if len(present) < 2:
+        return None
+    counts = np.array([[np.sum(change[group_ids == g] == v) for v in (-1, 0, 1)] for g in present])
+    sizes = counts.sum(1)
+    rng = np.random.default_rng(seed)
+
+    def spread(draws: np.ndarray) -> np.ndarray:  # draws [R, G, 3] -> std over groups of the deltas, per draw
+        deltas = (draws[..., 2] - draws[..., 0]) / sizes
+        return deltas.std(axis=1, ddof=1)
+
+    boot = np.stack([rng.multinomial(n, c / n, size=RESAMPLES) for n, c in zip(sizes, counts)], axis=1)
+    total = counts.sum(0)
+    regrouped = np.empty((RELABELLINGS, len(present), 3), dtype=np.int64)
+    for r in range(RELABELLINGS):
+        left = total.copy()
+        for j, n in enumerate(sizes):
+            regrouped[r, j] = rng.multivariate_hypergeometric(left, n)
+            left -= regrouped[r, j]
+    low, high = np.percentile(spread(boot), [5, 95])
+    return {"std_delta_interval": {"low": float(low), "high": float(high), "level": 0.9, "resamples": RESAMPLES},
+            "std_delta_noise_floor": float(np.median(spread(regrouped)))}
+
+
 def degradation(dense: dict, pruned: dict) -> dict:
     """Dense-vs-pruned comparison: Δ_g, their sample std and range, max excess accuracy gap ψ."""
     overall_delta = pruned["overall"]["accuracy"] - dense["overall"]["accuracy"]

@@ -541,23 +541,31 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
     }
     if held is not None:
         with timer("evaluate"):
-            from onnxfair.metrics import degradation
+            from onnxfair.metrics import degradation, std_delta_uncertainty
 
             eval_kw = {"device": cfg.device, "batch_size": 256, "latency_batch": cfg.latency_batch,
                        "input_shapes": cfg.input_shapes or None, "threads": cfg.threads}
+            correct: list[np.ndarray] = []
             if cache is None or cfg.latency:  # latency interleaves dense and pruned repetitions: both run here
                 bd, bp = evaluate_models([model, pruned], held, latency=cfg.latency, phase=timer,
-                                         names=["the input model", "the pruned model"], **eval_kw)
+                                         names=["the input model", "the pruned model"], correct=correct, **eval_kw)
             else:
                 held_rows = ("eval-data",) if eval_ds is not None else ("split", cfg.eval_split, held_out_seed(cfg))
                 key = ("evaluation", held_rows, cfg.device, size_key, cfg.threads)
-                dense_block = cache.get(key, lambda: evaluate_models([model], held, latency=False,
-                                                                     names=["the input model"], **eval_kw)[0])
+
+                def dense_evaluation() -> tuple[dict, list[np.ndarray]]:
+                    rows: list[np.ndarray] = []
+                    return evaluate_models([model], held, latency=False, names=["the input model"], correct=rows,
+                                           **eval_kw)[0], rows
+                dense_block, dense_rows = cache.get(key, dense_evaluation)
                 bd = copy.deepcopy(dense_block)
-                (bp,) = evaluate_models([pruned], held, latency=False, names=["the pruned model"], **eval_kw)
+                correct += dense_rows
+                (bp,) = evaluate_models([pruned], held, latency=False, names=["the pruned model"], correct=correct,
+                                        **eval_kw)
         report["evaluation"] = {"source": eval_source, "n": len(held), "groups_by": held.attributes}
         report["dense"], report["pruned"] = bd, bp
-        report["degradation"] = degradation(bd, bp)
+        report["degradation"] = {**degradation(bd, bp),
+                                 **(std_delta_uncertainty(*correct, held.group_ids, cfg.seed) or {})}
         _hint_on_a_large_drop(report["degradation"]["overall_delta"], cfg, dense, progress)
         if cfg.latency:
             report["latency"] = latency_summary(bd.pop("latency"), bp.pop("latency"))

@@ -73,6 +73,16 @@ def format_evaluation(block: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def _resolution(deg: dict) -> str | None:
+    """std_delta's 90 % interval and noise floor in words, with what they allow one to conclude."""
+    ci, floor = deg.get("std_delta_interval"), deg.get("std_delta_noise_floor")
+    if ci is None or floor is None:
+        return None
+    verdict = "a group effect these rows resolve" if ci["low"] > floor else "these rows cannot tell it from no group effect"
+    return (f"90 % interval {100 * ci['low']:.2f}-{100 * ci['high']:.2f} pts; sampling noise alone gives "
+            f"{100 * floor:.2f}: {verdict}")
+
+
 def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: str = "B") -> str:
     """Side-by-side per-group accuracy with Δ, then the degradation summary."""
     w = _label_width(a["groups"])
@@ -94,6 +104,9 @@ def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: st
         f"std of group deltas {_pct(deg['std_delta']).strip()} pts   range {_pct(deg['range_delta']).strip()} pts   "
         f"max excess accuracy gap {_pct(deg['max_excess_gap']).strip()} pts"
     )
+    resolution = _resolution(deg)
+    if resolution:
+        lines.append(f"std of group deltas: {resolution}")
     gap_a, gap_b = a["disparity"]["accuracy_gap"], b["disparity"]["accuracy_gap"]
     lines.append(f"accuracy gap {_pct(gap_a).strip()} -> {_pct(gap_b).strip()} pts")
     la, lb = a.get("latency"), b.get("latency")
@@ -178,6 +191,9 @@ def prune_markdown(report: dict) -> str:
             f"max excess accuracy gap ψ: {_pct(g['max_excess_gap']).strip()} pts; accuracy gap "
             f"{_pct(d['disparity']['accuracy_gap']).strip()} → {_pct(p['disparity']['accuracy_gap']).strip()} pts.",
         ]
+        resolution = _resolution(g)
+        if resolution:
+            lines += ["", f"Std of group deltas: {resolution}."]
     note = report.get("structure", {}).get("note")
     if note:
         lines += ["", f"Note: {note}."]

@@ -1190,3 +1190,28 @@ def test_a_graph_with_nothing_to_prune_and_no_ignore_suggests_unstructured(tmp_p
     msg = _error(["prune", one, "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "x.onnx"])
     assert msg.startswith(f"error: onnxruntime cannot load the model: Unsupported model IR version: {onnx.IR_VERSION}, max supported "
                           "IR version: ") and "; save it with ir_version " in msg and ".cc:" not in msg
+
+
+def test_the_degradation_says_how_precisely_the_rows_measure_std_delta(tmp_path):
+    """The interval and noise floor come from the evaluated rows' correctness, as onnxruntime gives it, and
+    compare reports the same figures for the same two models and rows (both seeded 0)."""
+    from onnxfair.metrics import std_delta_uncertainty
+
+    r = run("prune", MLP, "--data", CAL, "--eval-data", EVAL, "--groups", "race", "--method", "magnitude",
+            "--unstructured", "--sparsity", "0.9", "--no-latency", "-o", tmp_path / "p.onnx", "--json", "-")
+    assert r.exit_code == 0, r.output
+    deg = json.loads(r.stdout)["degradation"]
+    ev = np.load(EVAL)
+    import onnxruntime as ort
+
+    ok = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]).run(None, {"x": ev["x"]})[0].argmax(1)
+          == ev["y"] for m in (MLP, tmp_path / "p.onnx")]
+    races = np.unique(ev["race"], return_inverse=True)[1]
+    want = std_delta_uncertainty(*ok, races, seed=0)
+    assert deg["std_delta_interval"] == want["std_delta_interval"]
+    assert deg["std_delta_noise_floor"] == want["std_delta_noise_floor"]
+    assert deg["std_delta_interval"]["low"] < deg["std_delta"] < deg["std_delta_interval"]["high"]
+    c = run("compare", MLP, tmp_path / "p.onnx", "--data", EVAL, "--groups", "race", "--no-latency", "--json", "-")
+    assert json.loads(c.stdout)["degradation"]["std_delta_interval"] == want["std_delta_interval"]
+    md = prune_markdown(json.loads(r.stdout))
+    assert f"noise alone gives {100 * want['std_delta_noise_floor']:.2f}" in md

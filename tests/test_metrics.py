@@ -146,3 +146,51 @@ def test_small_groups_are_flagged_in_every_table():
     for text in (format_evaluation(dense), format_comparison(dense, pruned, degradation(dense, pruned))):
         rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("g=")}
         assert rows["g=small"].endswith("(small group)") and "small" not in rows["g=big"]
+
+
+# ------------------------------------------------------------------------ how precisely std_delta is measured
+
+
+def _rows_resampled(dense_ok, pruned_ok, group_ids, n, seed):
+    """The plain way: resample each group's rows with replacement, `n` times (the oracle of the multinomial
+    shortcut), and regroup all rows at random into groups of the same sizes."""
+    rng = np.random.default_rng(seed)
+    rows = [np.flatnonzero(group_ids == g) for g in np.unique(group_ids)]
+    boot = []
+    for _ in range(n):
+        d = [pruned_ok[i].mean() - dense_ok[i].mean() for i in (rng.choice(r, r.size) for r in rows)]
+        boot.append(np.std(d, ddof=1))
+    cuts = np.cumsum([r.size for r in rows])[:-1]
+    floor = []
+    for _ in range(n // 5):
+        d = [pruned_ok[i].mean() - dense_ok[i].mean() for i in np.split(rng.permutation(group_ids.size), cuts)]
+        floor.append(np.std(d, ddof=1))
+    return np.percentile(boot, [5, 95]), np.median(floor)
+
+
+@pytest.mark.parametrize("effect", [0.0, 0.15])
+def test_std_delta_interval_and_noise_floor_match_resampling_the_rows(effect):
+    from onnxfair.metrics import std_delta_uncertainty
+
+    rng = np.random.default_rng(3)
+    g = rng.choice(4, 3000, p=[0.6, 0.25, 0.1, 0.05])
+    dense = rng.random(3000) < 0.85
+    pruned = dense & (rng.random(3000) > 0.05 + effect * (g == 3))
+    got = std_delta_uncertainty(dense, pruned, g, seed=1)
+    (lo, hi), floor = _rows_resampled(dense, pruned, g, 4000, seed=2)
+    assert got["std_delta_interval"]["low"] == pytest.approx(lo, rel=0.12)
+    assert got["std_delta_interval"]["high"] == pytest.approx(hi, rel=0.12)
+    assert got["std_delta_noise_floor"] == pytest.approx(floor, rel=0.12)
+    # the 150-row group losing 15 more points is resolved; no effect is not
+    assert (got["std_delta_interval"]["low"] > got["std_delta_noise_floor"]) == (effect > 0)
+    assert std_delta_uncertainty(dense, pruned, g, seed=1) == got  # seeded
+
+
+def test_std_delta_uncertainty_without_change_or_groups():
+    from onnxfair.metrics import std_delta_uncertainty
+
+    ok = np.arange(100) % 3 > 0
+    g = np.arange(100) % 2
+    none = std_delta_uncertainty(ok, ok, g)
+    assert none["std_delta_interval"]["low"] == none["std_delta_interval"]["high"] == none["std_delta_noise_floor"] == 0
+    assert std_delta_uncertainty(ok, ~ok, np.zeros(100, np.int64)) is None
