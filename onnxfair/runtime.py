@@ -88,16 +88,10 @@ class Session:
             rows = min(step, n - start)
             if not self.batch_dynamic and rows < step:
                 feed = {k: np.concatenate([v, np.repeat(v[-1:], step - rows, axis=0)]) for k, v in feed.items()}
-            elif rows == 1 < step:  # a head that squeezes its output loses the batch axis at one row: run two
-                feed = {k: np.repeat(v, 2, axis=0) for k, v in feed.items()}
-            fed = len(next(iter(feed.values())))
-            try:
-                out = self.session.run(None, feed)[0]
-                error = None if out.ndim and out.shape[0] == fed else (
-                    f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}"
-                    + (batch_axis_hint({k: v.shape for k, v in feed.items()}, out.shape[0]) if out.ndim else ""))
-            except Exception as exc:
-                out, error = None, ort_message(exc)
+            out, error = self._run_rows(feed)
+            if error is not None and self.batch_dynamic and rows == 1 and out is not None:
+                # a head that squeezes every unit axis loses the batch axis at one row: the row is run twice
+                out, error = self._run_rows({k: np.repeat(v, 2, axis=0) for k, v in feed.items()})
             if error is None and self.batch_dynamic and start == 0 and self.rows_interact(feed, out):
                 step = self.declared_batch
                 continue
@@ -114,6 +108,20 @@ class Session:
             start += step
         return np.concatenate(outs, axis=0)
 
+    def _run_rows(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray | None, str | None]:
+        """The first output on `feed`, and what is wrong when it has not one row per fed row (None if not)."""
+        fed = len(next(iter(feed.values())))
+        try:
+            out = self.session.run(None, feed)[0]
+        except Exception as exc:
+            return None, ort_message(exc)
+        if out.ndim == 0 and fed == 1:  # a head that squeezes every unit axis gives a row a scalar
+            out = out.reshape(1)
+        if out.ndim and out.shape[0] == fed:
+            return out, None
+        return out, (f"it returned {out.shape[0] if out.ndim else 'no'} rows for a batch of {fed}"
+                     + (batch_axis_hint({k: v.shape for k, v in feed.items()}, out.shape[0]) if out.ndim else ""))
+
     def rows_interact(self, feed: dict[str, np.ndarray], out: np.ndarray) -> bool:
         """Whether the model gives other outputs when its rows run together than when they run k at a time,
         k the batch it was exported for (1 when symbolic): statistics over the batch, say, such as a
@@ -121,16 +129,17 @@ class Session:
         so the session runs k rows at a time from now on (with a warning) and True is returned."""
         k = self.exported_batch or 1
         fed = len(out)
-        if fed < 2 * k:
+        if fed < 2 * k or out.dtype.kind not in "fiub":  # strings or objects: nothing to compare numerically
             return False
         probe = 2 * k
         try:
             parts = [self.session.run(None, {n: v[i : i + k] for n, v in feed.items()})[0] for i in range(0, probe, k)]
-        except Exception:  # a graph that runs any batch but k (a Squeeze of every unit axis, say): nothing to compare
+        except Exception:  # a graph that runs any batch but k: nothing to compare
             return False
-        if any(p.ndim == 0 or p.shape != (k, *out.shape[1:]) for p in parts):
-            return False  # k rows give no rows of the batch's form (a squeezed batch of 1, say): nothing to compare
-        alone = np.concatenate(parts)
+        row = (k, *out.shape[1:])
+        if any(p.size != int(np.prod(row)) for p in parts):
+            return False
+        alone = np.concatenate([p.reshape(row) for p in parts])  # a head that squeezed a batch of 1 lost its axis
         finite = np.abs(alone[np.isfinite(alone)])
         if np.allclose(out[:probe], alone, rtol=1e-4, atol=1e-5 * max(1.0, float(finite.max()) if finite.size else 1.0),
                        equal_nan=True):  # NaN rows are refused later, with their count; they do not interact
@@ -212,6 +221,9 @@ def create_session(
     if kind not in (None, "tensor_type"):  # a sequence or map (ZipMap, say) holds no batch of class scores
         raise ModelError(f"the model's first output {first.name!r} is a {kind.removesuffix('_type')}, not a tensor of "
                          "class scores; re-export the model with its class scores as the first output")
+    if kind == "tensor_type" and first.type.tensor_type.elem_type == onnx.TensorProto.STRING:
+        raise ModelError(f"the model's first output {first.name!r} holds strings (class labels, say), not class scores; "
+                         "re-export the model with its class scores (or class indices) as the first output")
     m = fix_input_shapes(model, input_shapes or {})
     candidates = batch_candidates(m)
     exported = fixed_batch(m)

@@ -345,6 +345,50 @@ def test_gradcheck_recurrent_layers(op, lens):
     assert_gradcheck(model, torch.from_numpy(feeds["x"]).double())
 
 
+@pytest.mark.parametrize("net", ["lrn", "squeeze"])
+def test_legacy_exports_that_branch_on_a_dim_run_both_ways(net):
+    """torch's legacy exporter writes an If for LocalResponseNorm and for squeezing a dim marked dynamic,
+    testing the size at run time: both were refused. One row takes the other branch than several."""
+    from tests.test_graph_support import torch_export
+
+    class Lrn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.head = torch.nn.Conv2d(3, 6, 3), torch.nn.LocalResponseNorm(3), torch.nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(torch.relu(self.conv(x))).mean((2, 3)))
+
+    class Squeeze(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(x.squeeze(1))
+
+    torch.manual_seed(0)
+    if net == "lrn":
+        model, shape = torch_export(Lrn(), torch.randn(2, 3, 8, 8), opset=13), (3, 8, 8)
+    else:
+        import io
+        import warnings
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Squeeze().eval(), (torch.randn(2, 1, 5),), buf, dynamo=False, opset_version=13,
+                              input_names=["x"], dynamic_axes={"x": {0: "N", 1: "one"}})
+        model, shape = onnx.load_from_string(buf.getvalue()), (1, 5)
+    assert "If" in {n.op_type for n in model.graph.node}
+    mod = OnnxModule(model)
+    for rows in (1, 4):
+        feeds = {"x": np.random.default_rng(rows).standard_normal((rows, *shape)).astype(np.float32)}
+        assert rel_err(interp_run(mod, feeds), ort_run(model, feeds)) <= 1e-5
+    loss_of(mod(torch.from_numpy(feeds["x"]))).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.params.values() if p.dim() > 1)
+
+
 def test_masks_apply_in_forward_and_gradient():
     model = conv_bn_relu_gemm()
     mod = OnnxModule(model)

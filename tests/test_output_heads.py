@@ -376,3 +376,48 @@ def test_a_head_that_squeezes_every_unit_axis_loses_no_row(tmp_path):
     sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
     z = sess.run(None, {"x": cal["x"][rows]})[0]
     assert rep["overall"]["accuracy"] == pytest.approx(float(np.mean((z > 0) == cal["y"][rows])))
+
+
+def test_a_squeezed_head_runs_a_row_at_a_time_and_with_rows_that_interact(tmp_path, monkeypatch):
+    """--batch-size 1 gave every row a scalar ('returned no rows'); a squeezed head on rows that interact
+    (centred over the batch) hid the interaction from the probe, so the mixed rows were reported."""
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    squeezed = _then(_binary_body(), [helper.make_node("Squeeze", ["z"], ["o"])], "o", ["batch"])
+    mean = helper.make_node("ReduceMean", ["x_in", "batch_axis"], ["mu"], keepdims=1)
+    centred = onnx.ModelProto()
+    centred.CopyFrom(squeezed)
+    centred.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "batch_axis"))
+    first = centred.graph.node[0]
+    first.input[0] = "x_c"
+    centred.graph.node.insert(0, mean)
+    centred.graph.node.insert(1, helper.make_node("Sub", ["x_in", "mu"], ["d"]))
+    centred.graph.node.insert(2, helper.make_node("Add", ["x_in", "d"], ["x_c"]))
+    centred.graph.input[0].name = "x_in"
+    for n in centred.graph.node[3:]:
+        for i, v in enumerate(n.input):
+            if v == "x":
+                n.input[i] = "x_c"
+    cal = np.load(CAL)
+    rows = np.arange(257)
+    np.savez(tmp_path / "d.npz", x_in=cal["x"][rows], x=cal["x"][rows], y=cal["y"][rows], race=cal["race"][rows])
+    for m, name, extra in ((squeezed, "sq", ["--batch-size", "1"]), (centred, "centred", [])):
+        onnx.save(m, tmp_path / f"{name}.onnx")
+        sess = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        feed = m.graph.input[0].name
+        z = np.array([sess.run(None, {feed: cal["x"][i:i + 1]})[0].reshape(()) for i in rows])
+        r = CliRunner().invoke(app, ["evaluate", str(tmp_path / f"{name}.onnx"), "--data", str(tmp_path / "d.npz"),
+                                     "--groups", "race", "--no-latency", "--json", "-", *extra])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["overall"]["accuracy"] == pytest.approx(float(np.mean((z > 0) == cal["y"][rows])))
+        assert ("affect one another" in r.output) == (name == "centred")
+
+
+def test_a_string_label_head_is_refused_in_one_line(tmp_path):
+    m = _then(onnx.load(MLP), [helper.make_node("ArgMax", ["logits"], ["k"], axis=1, keepdims=0),
+                               helper.make_node("Cast", ["k"], ["label"], to=TensorProto.STRING)],
+              "label", ["batch"], elem=TensorProto.STRING)
+    onnx.save(m, tmp_path / "s.onnx")
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path / "s.onnx"), "--data", str(CAL), "--groups", "race"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert _one_error_line(r).endswith("holds strings (class labels, say), not class scores; re-export the model with "
+                                       "its class scores (or class indices) as the first output")

@@ -116,9 +116,42 @@ def _refusal_key(node: onnx.NodeProto) -> str | None:
     return None
 
 
+def outer_references(graph: onnx.GraphProto) -> list[str]:
+    """Names a subgraph reads from its enclosing scopes: read by its nodes (or theirs, nested) and neither
+    produced there nor among its inputs and initializers. In first-use order."""
+    local = {vi.name for vi in graph.input} | {i.name for i in graph.initializer}
+    local |= {sp.values.name for sp in graph.sparse_initializer}
+    found: list[str] = []
+    for n in graph.node:
+        reads = list(n.input)
+        for a in n.attribute:
+            sub = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in sub:
+                reads += outer_references(g)
+        found += [x for x in reads if x and x not in local and x not in found]
+        local.update(o for o in n.output if o)
+    return found
+
+
+def with_captures(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """The graph's nodes (only), each If reading the outer values its branches use as extra inputs after its
+    condition, so that ordering, liveness and the executor see those dependencies."""
+    g = onnx.GraphProto()
+    for n in graph.node:
+        if n.op_type == "If" and n.domain in DEFAULT_DOMAINS:
+            m = onnx.NodeProto()
+            m.CopyFrom(n)
+            branches = [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            m.input.extend(dict.fromkeys(x for b in branches for x in outer_references(b)))
+            n = m
+        g.node.append(n)
+    return g
+
+
 def build_plan(model: onnx.ModelProto) -> Plan:
     """Check and prepare a graph; `plan.refusals` counts what cannot be interpreted faithfully."""
     graph = model.graph
+    nodes = with_captures(graph)
     opset = default_opset(model) or MIN_OPSET
     refusals: Counter = Counter()
     if opset < MIN_OPSET:
@@ -150,7 +183,7 @@ def build_plan(model: onnx.ModelProto) -> Plan:
 
     # which float initializers are trainable: any use outside a steering input
     uses: dict[str, list[tuple[str, int]]] = {}
-    for node in graph.node:
+    for node in nodes.node:
         for j, name in enumerate(node.input):
             if name:
                 uses.setdefault(name, []).append((node.op_type, j))
@@ -167,7 +200,7 @@ def build_plan(model: onnx.ModelProto) -> Plan:
     shapes = {name: tuple(t.shape) for name, t in raw.items()}
 
     known = set(raw) | set(input_names)
-    order = _topo_order(graph, known)
+    order = _topo_order(nodes, known)
 
     steps: list[Step] = []
     for node in order:

@@ -121,6 +121,8 @@ def batch_output(out: Any, rows: int, inputs: Mapping[str, torch.Tensor] | None 
     """The first graph output of a call on `rows` rows, refused when it has not one row per input row (a
     shape hard-coded to batch 1, such as Reshape(x, [1, -1]), folds the whole batch into one row)."""
     out = out[0] if isinstance(out, (tuple, list)) else out
+    if out.dim() == 0 and rows == 1:  # a head that squeezes every unit axis gives a row a scalar
+        out = out.reshape(1)
     if out.dim() == 0 or out.shape[0] != rows:
         hint = batch_axis_hint({k: tuple(v.shape) for k, v in (inputs or {}).items()}, out.shape[0]) if out.dim() else ""
         raise ModelError(

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from onnxfair.errors import ModelError
-from onnx import TensorProto
+import onnx
+from onnx import TensorProto, helper
 
 from onnxfair.interpret.spec import (
     Kernel,
@@ -1871,5 +1872,51 @@ def recurrent(spec: NodeSpec) -> Kernel:
             lens = None if seq is None else seq.to(device=x.device, dtype=torch.int64).reshape(-1, 1)
             outs = stepped(x, w, r, b, lens, h0, c0, p)
         return outs[0] if spec.n_outputs == 1 else outs
+
+    return k
+
+
+# ------------------------------------------------------------------------------------ control flow
+
+
+def _branch_module(spec: NodeSpec, graph: onnx.GraphProto, refs: list[str]) -> Any:
+    """An If branch as its own interpreted module, its inputs the outer values it reads."""
+    from onnxfair.interpret.compile import build_plan
+    from onnxfair.interpret.module import OnnxModule
+
+    g = onnx.GraphProto()
+    g.CopyFrom(graph)
+    del g.input[:]
+    g.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in refs)  # types are not read
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=10)
+    refused = build_plan(model).refusals
+    if refused:  # named in the parent's refusal, as the main graph's own ops are
+        raise spec.refuse(f"branch with {', '.join(sorted(refused))}")
+    return OnnxModule(model)
+
+
+@register("If")
+def if_(spec: NodeSpec) -> Kernel:
+    """Runs the branch the condition picks, each branch interpreted as its own graph over the outer values
+    it reads (which the plan passes after the condition), so gradients flow through whichever ran."""
+    from onnxfair.interpret.compile import outer_references
+
+    captured = spec.inputs[1:]
+    branches = []
+    for key in ("then_branch", "else_branch"):
+        graph = spec.attrs.get(key)
+        if graph is None or len(graph.output) < spec.n_outputs:
+            raise ModelError(f"If node {spec.name!r}: its {key} gives {0 if graph is None else len(graph.output)} "
+                             f"outputs for the node's {spec.n_outputs}; the graph is malformed, re-export the model")
+        refs = outer_references(graph)
+        branches.append((_branch_module(spec, graph, refs), [captured.index(n) for n in refs]))
+
+    def k(cond: Tensor, *outer: Tensor) -> Any:
+        mod, picks = branches[0] if bool(cond.reshape(-1)[0]) else branches[1]
+        args = [outer[i] for i in picks]
+        device = next((a.device for a in args if isinstance(a, Tensor)), cond.device)
+        if any(p.device != device for p in mod.parameters()):
+            mod.to(device)
+        return mod(*args)
 
     return k

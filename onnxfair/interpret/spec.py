@@ -121,8 +121,11 @@ class NodeSpec:
         self.static_inputs: set[int] = set()
         self.attrs: dict[str, Any] = {}
         for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH and node.op_type == "If":
+                self.attrs[a.name] = a.g  # its branches: run by the If kernel
+                continue
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                raise OpRefused(f"{node.op_type}(subgraph)", "nested graphs are not interpreted")
+                raise OpRefused(f"{node.op_type}(subgraph)", "nested graphs other than If's branches are not interpreted")
             if a.ref_attr_name:
                 raise OpRefused(f"{node.op_type}(attribute reference)")
             v = helper.get_attribute_value(a)
