@@ -219,6 +219,23 @@ def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _check_shared_dims(specs: list[InputSpec], inputs: dict[str, np.ndarray]) -> None:
+    """Inputs whose shapes name one symbolic dim (token ids and their attention mask share `seq`) must give
+    it one size: otherwise the model fails deep inside, on a broadcast that names neither array."""
+    seen: dict[str, tuple[str, int]] = {}
+    for sp in specs:
+        arr = inputs.get(sp.name)
+        if arr is None:
+            continue
+        for axis, d in enumerate(sp.shape[1:], start=1):
+            if not isinstance(d, str) or axis >= arr.ndim or d.startswith(f"{sp.name}_dim"):
+                continue  # fixed, or unnamed (input_specs names those after their input alone)
+            other = seen.setdefault(d, (sp.name, arr.shape[axis]))
+            if other[1] != arr.shape[axis]:
+                raise DataError(f"inputs {other[0]!r} and {sp.name!r} share the model's dim {d!r}, and the data gives it "
+                                f"{other[1]} and {arr.shape[axis]}; give both arrays one size there")
+
+
 def _rows_outside(x: np.ndarray, dtype: np.dtype) -> int:
     """Rows of `x` holding a value the integer `dtype` cannot represent."""
     info = np.iinfo(dtype)
@@ -281,6 +298,7 @@ def load_dataset(
     for name, arr in inputs.items():
         if arr.shape[0] != n:
             raise DataError(f"input {name!r} has {arr.shape[0]} rows but the label has {n}; the arrays must align")
+    _check_shared_dims(specs, inputs)
     for a, col in cols.items():
         if len(col) != n:
             raise DataError(f"group attribute {a!r} has {len(col)} rows but the label has {n}; the arrays must align")

@@ -328,3 +328,20 @@ def test_an_input_type_numpy_files_cannot_hold_gets_a_fix_that_can_be_followed(t
         load_dataset(tmp_path / "f.npz", _int_model(tmp_path, elem), "grp")
     assert str(err.value).startswith(f"model input 't' takes {np.dtype(helper.tensor_dtype_to_np_dtype(elem))}, ")
     assert str(err.value).endswith("; export the model with float32 (or float16) inputs")
+
+
+def test_inputs_that_share_a_named_dim_must_agree_on_its_size(tmp_path):
+    """Token ids of 12 and a mask of 10 failed inside onnxruntime on a broadcast that named neither array."""
+    g = helper.make_graph([helper.make_node("Mul", ["ids", "mask"], ["y"])], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", "seq"]),
+                           helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq"])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    rng = np.random.default_rng(0)
+    common = {"y": np.zeros(8, np.int64), "g": np.array(["a", "b"] * 4)}
+    np.savez(tmp_path / "ok.npz", ids=rng.random((8, 12)), mask=np.ones((8, 12)), **common)
+    np.savez(tmp_path / "bad.npz", ids=rng.random((8, 12)), mask=np.ones((8, 10)), **common)
+    assert load_dataset(tmp_path / "ok.npz", m, "g").inputs["mask"].shape == (8, 12)
+    with pytest.raises(DataError, match="inputs 'ids' and 'mask' share the model's dim 'seq', and the data gives it 12 "
+                                        "and 10; give both arrays one size there"):
+        load_dataset(tmp_path / "bad.npz", m, "g")
