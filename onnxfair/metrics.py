@@ -132,8 +132,9 @@ RELABELLINGS = 200  # random regroupings for its noise floor
 def std_delta_uncertainty(dense_ok: np.ndarray, pruned_ok: np.ndarray, group_ids: np.ndarray,
                           seed: int = 0) -> dict | None:
     """How precisely the evaluated rows measure std_delta: its 90 % bootstrap interval (rows resampled
-    within each group, group sizes kept) and its noise floor, the median std_delta over random regroupings
-    of the rows into groups of the same sizes, i.e. what sampling noise gives with no group effect at all.
+    within each group, group sizes kept), its noise floor, the median std_delta over random regroupings of
+    the rows into groups of the same sizes, i.e. what sampling noise gives with no group effect at all, and
+    the permutation p-value of the observed std_delta against those regroupings.
 
     A row's change is pruned_ok - dense_ok in {-1, 0, 1} and a group's delta is its mean, so a resampled
     group draws its counts of each change from a multinomial, and a regrouping from a multivariate
@@ -159,8 +160,12 @@ def std_delta_uncertainty(dense_ok: np.ndarray, pruned_ok: np.ndarray, group_ids
             regrouped[r, j] = rng.multivariate_hypergeometric(left, n)
             left -= regrouped[r, j]
     low, high = np.percentile(spread(boot), [5, 95])
+    observed = spread(counts[None])[0]
+    noise = spread(regrouped)
     return {"std_delta_interval": {"low": float(low), "high": float(high), "level": 0.9, "resamples": RESAMPLES},
-            "std_delta_noise_floor": float(np.median(spread(regrouped)))}
+            "std_delta_noise_floor": float(np.median(noise)),
+            # share of regroupings at least as spread as the rows' own groups (+1 counts the observed grouping)
+            "std_delta_p_value": float((np.sum(noise >= observed - 1e-12) + 1) / (RELABELLINGS + 1))}
 
 
 def degradation(dense: dict, pruned: dict) -> dict:

@@ -135,15 +135,16 @@ def _probe(model: onnx.ModelProto, output: str):
     """An interpreter of just the part of `model` that computes `output`, returning it: the nodes after it
     are never run, so a probe costs at most one forward pass and holds no more memory than one."""
     from onnxfair.interpret import OnnxModule
+    from onnxfair.interpret.compile import outer_references
 
     needed, nodes = {output}, []
     for n in reversed(model.graph.node):
         if any(o in needed for o in n.output):
             nodes.append(n)
             needed.update(i for i in n.input if i)
-            for a in n.attribute:  # subgraphs (If, Loop) read outer values too
+            for a in n.attribute:  # subgraphs (If, Loop) read outer values too, at any depth
                 for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    needed.update(i for sub in g.node for i in sub.input if i)
+                    needed.update(outer_references(g))
     graph = helper.make_graph(
         list(reversed(nodes)), f"{model.graph.name}_probe", list(model.graph.input),
         [helper.make_tensor_value_info(output, onnx.TensorProto.UNDEFINED, None)],

@@ -75,12 +75,13 @@ def format_evaluation(block: dict, title: str = "") -> str:
 
 def _resolution(deg: dict) -> str | None:
     """std_delta's 90 % interval and noise floor in words, with what they allow one to conclude."""
-    ci, floor = deg.get("std_delta_interval"), deg.get("std_delta_noise_floor")
-    if ci is None or floor is None:
+    ci, floor, p = deg.get("std_delta_interval"), deg.get("std_delta_noise_floor"), deg.get("std_delta_p_value")
+    if ci is None or floor is None or p is None:
         return None
-    verdict = "a group effect these rows resolve" if ci["low"] > floor else "these rows cannot tell it from no group effect"
+    verdict = (f"a group effect these rows resolve (p = {p:.3f})" if p < 0.05
+               else f"these rows cannot tell it from no group effect (p = {p:.2f})")
     return (f"90 % interval {100 * ci['low']:.2f}-{100 * ci['high']:.2f} pts; sampling noise alone gives "
-            f"{100 * floor:.2f}: {verdict}")
+            f"{100 * floor:.2f} pts: {verdict}")
 
 
 def format_comparison(a: dict, b: dict, deg: dict, name_a: str = "A", name_b: str = "B") -> str:

@@ -155,11 +155,7 @@ class Session:
         repeated to the batch of `feed` it fails (so neither the data nor the model itself is the cause). If so
         the session runs that batch from now on (with a warning) and True is returned."""
         def runs(n: int) -> bool:
-            try:
-                out = self.session.run(None, {k: np.repeat(v[:1], n, axis=0) for k, v in feed.items()})[0]
-            except Exception:
-                return False
-            return bool(out.ndim) and out.shape[0] == n
+            return self._run_rows({k: np.repeat(v[:1], n, axis=0) for k, v in feed.items()})[1] is None
 
         fed = len(next(iter(feed.values())))
         pinned = next((b for b in dict.fromkeys((self.declared_batch, *self.candidates)) if b != fed and runs(b)), None)

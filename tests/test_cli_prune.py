@@ -1214,4 +1214,5 @@ def test_the_degradation_says_how_precisely_the_rows_measure_std_delta(tmp_path)
     c = run("compare", MLP, tmp_path / "p.onnx", "--data", EVAL, "--groups", "race", "--no-latency", "--json", "-")
     assert json.loads(c.stdout)["degradation"]["std_delta_interval"] == want["std_delta_interval"]
     md = prune_markdown(json.loads(r.stdout))
-    assert f"noise alone gives {100 * want['std_delta_noise_floor']:.2f}" in md
+    assert f"noise alone gives {100 * want['std_delta_noise_floor']:.2f} pts" in md
+    assert deg["std_delta_p_value"] == want["std_delta_p_value"]

@@ -852,3 +852,21 @@ def test_if_with_an_unsupported_op_in_a_branch_names_it():
                           [helper.make_tensor_value_info("y", TP.FLOAT, None)])
     assert unsupported_ops(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)) == {
         "If(branch with Unique)": 1}
+
+
+def test_if_branches_reading_a_value_twice_and_following_the_parent_to_float64():
+    """Mul(x, x) in a branch listed x twice as a branch input (a SyntaxError in the generated code); branch
+    modules were not children of the parent, so .double() left a branch's own weight in float32."""
+    then_b = helper.make_graph([N("Mul", ["x", "x"], ["sq"]), N("Mul", ["sq", "k"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TP.FLOAT, None)], [numpy_helper.from_array(f32([3.0]), "k")])
+    else_b = helper.make_graph([N("Neg", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TP.FLOAT, None)])
+    g = helper.make_graph([N("If", ["c"], ["y"], then_branch=then_b, else_branch=else_b)], "g",
+                          [helper.make_tensor_value_info("x", TP.FLOAT, ["N"]), helper.make_tensor_value_info("c", TP.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = f32([1.0, -2.0, 0.5])
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "c": np.array(True)})
+    mod = OnnxModule(m)
+    np.testing.assert_allclose(mod(x=torch.from_numpy(x), c=torch.tensor(True)).detach().numpy(), ref[0], rtol=1e-6)
+    out = mod.double()(x=torch.from_numpy(x).double(), c=torch.tensor(True))
+    assert out.dtype == torch.float64

@@ -293,3 +293,28 @@ def test_a_large_accuracy_drop_names_the_weight_updates_not_used(tmp_path):
     assert "hint: accuracy fell by" in r.stderr and "--repair balanced" in r.stderr and "--finetune-epochs" in r.stderr
     r = CliRunner().invoke(cli, base + ["--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")])
     assert json.loads(r.stdout)["degradation"]["overall_delta"] > -0.10 and "hint" not in r.stderr
+
+
+def test_the_repair_probe_builds_when_a_nested_if_reads_a_weight_two_levels_up():
+    """The probe looked one level into subgraphs: a weight read by an If inside an If was left out, and
+    `prune --repair balanced` stopped with 'reads W2, which nothing produces'."""
+    from onnxfair.repair import _probe
+
+    N, V = helper.make_node, lambda n, s=None: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+    inner_t = helper.make_graph([N("Gemm", ["h", "W2"], ["it"])], "it", [], [V("it")])
+    inner_e = helper.make_graph([N("Identity", ["h"], ["ie"])], "ie", [], [V("ie")])
+    then_b = helper.make_graph([N("If", ["cond"], ["to"], then_branch=inner_t, else_branch=inner_e)], "t", [], [V("to")])
+    else_b = helper.make_graph([N("Neg", ["h"], ["e"])], "e", [], [V("e")])
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [N("Gemm", ["x", "W1"], ["g1"]), N("Relu", ["g1"], ["h"]), N("Shape", ["x"], ["s"]),
+         N("Gather", ["s", "zero"], ["n"]), N("Greater", ["n", "one"], ["cond"]),
+         N("If", ["cond"], ["logits"], then_branch=then_b, else_branch=else_b)],
+        "g", [V("x", ["N", 3])], [V("logits", ["N", 4])],
+        [numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "W1"),
+         numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W2"),
+         numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(_probe(m, "logits")(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5)

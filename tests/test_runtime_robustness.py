@@ -431,3 +431,25 @@ def test_a_fixed_axis_0_beside_symbolic_output_rows_is_refused_only_for_time_maj
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     assert (batch_axis_error(m) is not None) == refused
+
+
+def test_squeezed_multi_class_heads_at_one_row_and_at_a_pinned_batch():
+    """A [1, C] head squeezed to [C]: the interpreter refused a one-row batch ('hard-codes the batch size');
+    a Reshape that pins batch 1 before a squeezed one-logit head could not be pinned (each probe's scalar
+    counted as no rows)."""
+    from onnxfair.interpret.module import checked_output
+    from onnxfair.runtime import create_session
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
+    pin = numpy_helper.from_array(np.array([1, -1], np.int64), "pin")
+    free = _model([helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("Squeeze", ["z"], ["logits"])],
+                  TensorProto.FLOAT, ["N", 4], ["N", 3], [w], opset=13)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 1)).astype(np.float32), "W1")
+    pinned = _model([helper.make_node("Reshape", ["x", "pin"], ["r"]), helper.make_node("MatMul", ["r", "W1"], ["z"]),
+                     helper.make_node("Squeeze", ["z"], ["logits"])], TensorProto.FLOAT, ["N", 4], ["N"], [w1, pin], opset=13)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    want = x @ numpy_helper.to_array(w)
+    got = checked_output(OnnxModule(free), {"x": torch.from_numpy(x[:1])})
+    np.testing.assert_allclose(got.detach().numpy(), want[:1], rtol=1e-5)
+    np.testing.assert_allclose(create_session(pinned, "cpu").run({"x": x}), (x @ numpy_helper.to_array(w1))[:, 0], rtol=1e-5)

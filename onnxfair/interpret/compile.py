@@ -128,7 +128,9 @@ def outer_references(graph: onnx.GraphProto) -> list[str]:
             sub = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
             for g in sub:
                 reads += outer_references(g)
-        found += [x for x in reads if x and x not in local and x not in found]
+        for x in reads:
+            if x and x not in local and x not in found:
+                found.append(x)
         local.update(o for o in n.output if o)
     return found
 

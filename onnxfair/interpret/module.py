@@ -152,7 +152,12 @@ def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> tor
         raise ModelError(f"the interpreter cannot run the model on the data ({one_line(exc)}); "
                          "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
                          "--batch-size if memory ran out)") from None
-    out = batch_output(raw, next(iter(inputs.values())).shape[0], inputs)
+    rows = next(iter(inputs.values())).shape[0]
+    first = raw[0] if isinstance(raw, (tuple, list)) else raw
+    if rows == 1 and first.dim() and first.shape[0] != 1:  # a squeezed head at one row: run it twice, keep one
+        raw = mod(**{k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() else v for k, v in inputs.items()})
+        raw = (raw[0] if isinstance(raw, (tuple, list)) else raw)[:1]
+    out = batch_output(raw, rows, inputs)
     if not out.is_floating_point():  # class indices (an ArgMax head): no scores to take a loss on, with or without grad
         raise UnsupportedError(
             f"the model's first output holds {str(out.dtype).removeprefix('torch.')} values (class indices, say), not "
@@ -198,6 +203,8 @@ class OnnxModule(nn.Module):
         self._masks = _Buffers()
         self._const_names: list[str] = list(plan.consts)
         self._steps = plan.steps
+        # graphs a kernel runs itself (If's branches): children, so device and dtype moves reach them
+        self._branches = nn.ModuleList(m for step in plan.steps for m in getattr(step.fn, "submodules", ()))
         src, fns, self._line_nodes = _generate(plan)
         self.code = src
         scope: dict[str, Any] = {}

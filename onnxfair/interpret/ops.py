@@ -1913,10 +1913,7 @@ def if_(spec: NodeSpec) -> Kernel:
 
     def k(cond: Tensor, *outer: Tensor) -> Any:
         mod, picks = branches[0] if bool(cond.reshape(-1)[0]) else branches[1]
-        args = [outer[i] for i in picks]
-        device = next((a.device for a in args if isinstance(a, Tensor)), cond.device)
-        if any(p.device != device for p in mod.parameters()):
-            mod.to(device)
-        return mod(*args)
+        return mod(*[outer[i] for i in picks])
 
+    k.submodules = [mod for mod, _ in branches]  # registered by the parent, so .to() and .double() reach them
     return k
