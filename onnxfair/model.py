@@ -202,12 +202,11 @@ def batch_axis_error(model: onnx.ModelProto) -> str | None:
     batch = dims[0].dim_param if dims and dims[0].HasField("dim_param") else ""
     if not batch:
         return None
-    fix = BATCH_FIRST_FIX
     specs = [sp for sp in input_specs(model) if sp.shape]
     for sp in specs:
         if sp.shape[0] != batch and batch in sp.shape[1:]:
             return (f"model input {sp.name!r} has shape {list(sp.shape)}: its batch ({batch}, the first output's dim 0) "
-                    f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; {fix}")
+                    f"is on axis {list(sp.shape).index(batch)}, and onnxfair reads rows along axis 0; {BATCH_FIRST_FIX}")
     # every axis 0 fixed (above 1: a batch of 1 pinned in the input alone is common) and an axis 1 that is not:
     # the output's rows come from that axis, as [T, N] token ids with T fixed
     if specs and all(isinstance(sp.shape[0], int) for sp in specs):
@@ -215,7 +214,7 @@ def batch_axis_error(model: onnx.ModelProto) -> str | None:
         if sp is not None:
             return (f"model input {sp.name!r} has shape {list(sp.shape)}: axis 0 is fixed while the first output's "
                     f"rows ({batch}) are not, so the batch is likely on axis 1, and onnxfair reads rows along axis 0; "
-                    f"{fix}")
+                    f"{BATCH_FIRST_FIX}")
     return None
 
 

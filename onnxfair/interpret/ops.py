@@ -1881,6 +1881,7 @@ def recurrent(spec: NodeSpec) -> Kernel:
 
 def _branch_module(spec: NodeSpec, graph: onnx.GraphProto, refs: list[str]) -> Any:
     """An If branch as its own interpreted module, its inputs the outer values it reads."""
+    from onnxfair.errors import UnsupportedError
     from onnxfair.interpret.compile import build_plan
     from onnxfair.interpret.module import OnnxModule
 
@@ -1889,10 +1890,10 @@ def _branch_module(spec: NodeSpec, graph: onnx.GraphProto, refs: list[str]) -> A
     del g.input[:]
     g.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in refs)  # types are not read
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=10)
-    refused = build_plan(model).refusals
-    if refused:  # named in the parent's refusal, as the main graph's own ops are
-        raise spec.refuse(f"branch with {', '.join(sorted(refused))}")
-    return OnnxModule(model)
+    try:
+        return OnnxModule(model)  # one plan per branch: nested Ifs are not rebuilt at every level
+    except UnsupportedError:  # named in the parent's refusal, as the main graph's own ops are
+        raise spec.refuse(f"branch with {', '.join(sorted(build_plan(model).refusals))}") from None
 
 
 @register("If")
