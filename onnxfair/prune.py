@@ -264,6 +264,7 @@ def prunable_units(model: onnx.ModelProto, cfg: PruneConfig,
     units = weight_names(dense)
     if not units:
         raise UsageError(NO_UNSTRUCTURED_WEIGHTS)
+    units = scored_weights(dense, units)
     if cfg.ignore:
         ignored = ignored_initializers(model, cfg.ignore)
         units = [u for u in units if u not in ignored]
@@ -272,6 +273,21 @@ def prunable_units(model: onnx.ModelProto, cfg: PruneConfig,
             raise UsageError(f"--ignore {' '.join(cfg.ignore)} covers every prunable weight "
                              f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); narrow the pattern")
     return None, dense, units
+
+
+def scored_weights(dense: onnx.ModelProto, units: list[str]) -> list[str]:
+    """The weights that change the first output, the one scored and judged: another output's own layers have
+    zero gradient and no say in the evaluation, so a gradient criterion would spend the budget on them."""
+    from onnxfair.graph.fold import upstream_nodes
+
+    g = dense.graph
+    read = {x for i in upstream_nodes(g, [g.output[0].name]) for x in g.node[i].input}
+    kept = [u for u in units if u in read]
+    if not kept:
+        raise UsageError(f"no prunable weight feeds the first output {g.output[0].name!r}, the one scored and judged "
+                         f"({', '.join(units[:3])} feed only the others); re-export the model with the class scores "
+                         "as its first output")
+    return kept
 
 
 def shapes_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
@@ -429,6 +445,7 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         note = several_outputs_note(model, "the input model")  # said before scoring, which reads the same output
         if note:
             warn_once(note)
+            progress("note: layers that feed only the other outputs, if any, are not pruned: nothing scores them")
         unseen = _groups_not_scored(fit, held)
         if unseen:
             progress(f"warning: {len(unseen)} evaluated group{'s have' if len(unseen) > 1 else ' has'} no rows in "

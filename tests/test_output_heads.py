@@ -421,3 +421,52 @@ def test_a_string_label_head_is_refused_in_one_line(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert _one_error_line(r).endswith("holds strings (class labels, say), not class scores; re-export the model with "
                                        "its class scores (or class indices) as the first output")
+
+
+def _trunk_with_aux_branch(tiny_linear) -> onnx.ModelProto:
+    """x -> Gemm T (8 hidden) -> Relu -> logits (Gemm H), and the same hidden units -> a 5-unit layer A1 -> Relu
+    -> 1-unit aux head A2, a second output that nothing scores."""
+    rng = np.random.default_rng(1)
+    inits = {"T": rng.normal(size=(8, 4)), "Tb": rng.normal(size=8) * 0.1, "H": rng.normal(size=(3, 8)),
+             "A1": rng.normal(size=(5, 8)), "A1b": rng.normal(size=5) * 0.1, "A2": rng.normal(size=(1, 5))}
+    nodes = [helper.make_node("Gemm", ["x", "T", "Tb"], ["t"], transB=1), helper.make_node("Relu", ["t"], ["f"]),
+             helper.make_node("Gemm", ["f", "H"], ["logits"], transB=1),
+             helper.make_node("Gemm", ["f", "A1", "A1b"], ["a"], transB=1), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Gemm", ["r", "A2"], ["aux"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "aux_branch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("method", ["taylor", "fairgrape"])
+@pytest.mark.parametrize("mode", [("--unstructured",), ("--round-to", "1")])
+def test_layers_that_feed_only_an_unscored_output_are_left_alone(tiny_linear, tmp_path, method, mode):
+    """Before: their gradients are zero, so a gradient criterion spent the whole budget on them (every aux
+    weight removed, the scored layers untouched, and the report showing no accuracy lost)."""
+    p, out = tmp_path / "aux.onnx", tmp_path / "out.onnx"
+    onnx.save(_trunk_with_aux_branch(tiny_linear), p)
+    _run("prune", p, "--data", tiny_linear["data"], "--groups", "race", "--method", method, *mode, "--sparsity",
+         "0.5", "-o", out, "--no-latency", "--json", "-")
+    dense = {t.name: numpy_helper.to_array(t) for t in onnx.load(p).graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    np.testing.assert_array_equal(got["A2"], dense["A2"])  # the aux head's own weights
+    np.testing.assert_array_equal(got["A1b"], dense["A1b"])  # its 5 hidden units all kept
+    if mode == ("--unstructured",):
+        np.testing.assert_array_equal(got["A1"], dense["A1"])
+        assert np.count_nonzero(got["T"] == 0) + np.count_nonzero(got["H"] == 0) == 28  # half of 32 + 24
+    else:  # the trunk's 8 hidden units are the only channels: half removed, A1 loses the matching columns
+        kept = [j for j in range(8) if any(np.array_equal(got["T"][i], dense["T"][j]) for i in range(got["T"].shape[0]))]
+        assert got["T"].shape == (4, 4) and len(kept) == 4
+        np.testing.assert_array_equal(got["A1"], dense["A1"][:, kept])
+
+
+def test_an_analysis_names_the_layers_that_feed_no_scored_output(tiny_linear):
+    from onnxfair.graph import analyze
+
+    an = analyze(_trunk_with_aux_branch(tiny_linear))
+    frozen = {f["space"]: (f["channels"], f["reason"]) for f in an.frozen}
+    assert any(c == 5 and "does not feed the first output logits" in r for c, r in frozen.values()), frozen
+    assert [g.size for g in an.groups] == [8]

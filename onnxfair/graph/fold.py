@@ -49,20 +49,33 @@ def _subgraphs(node: onnx.NodeProto):
             yield from a.graphs
 
 
+def _reads(g: onnx.GraphProto) -> set[str]:
+    """Every name read by the nodes of `g` and of the subgraphs within it."""
+    names: set[str] = set()
+    for n in g.node:
+        names.update(x for x in n.input if x)
+        for sg in _subgraphs(n):
+            names |= _reads(sg)
+    return names
+
+
 def subgraph_references(graph: onnx.GraphProto) -> set[str]:
     """Names read inside subgraphs of the graph's nodes (outer-scope captures included)."""
-    names: set[str] = set()
+    return {x for n in graph.node for sg in _subgraphs(n) for x in _reads(sg)}
 
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            names.update(x for x in n.input if x)
+
+def upstream_nodes(graph: onnx.GraphProto, outputs: list[str]) -> list[int]:
+    """Indices, in graph order, of the nodes that `outputs` depend on, subgraphs' reads of outer values
+    included: what must run to compute them, and so the only nodes whose weights change them."""
+    needed, picked = set(outputs), []
+    for i in range(len(graph.node) - 1, -1, -1):
+        n = graph.node[i]
+        if any(o in needed for o in n.output):
+            picked.append(i)
+            needed.update(x for x in n.input if x)
             for sg in _subgraphs(n):
-                walk(sg)
-
-    for n in graph.node:
-        for sg in _subgraphs(n):
-            walk(sg)
-    return names
+                needed |= _reads(sg)
+    return picked[::-1]
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:

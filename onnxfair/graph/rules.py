@@ -35,7 +35,7 @@ from onnxfair.graph.channels import (
     sub_layout,
     union_layouts,
 )
-from onnxfair.graph.fold import subgraph_references
+from onnxfair.graph.fold import subgraph_references, upstream_nodes
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,8 @@ class Walker:
 
     # ---- the walk ----------------------------------------------------------------------------------
     def run(self) -> None:
+        first = self.g.output[0].name if self.g.output else ""
+        scored = set(upstream_nodes(self.g, [first]))
         for idx, node in enumerate(self.nodes):
             op = node.op_type
             default = node.domain in ("", "ai.onnx")
@@ -265,6 +267,10 @@ class Walker:
                 rule(self, idx, node)
             if self.ignore:
                 self._apply_ignore(idx, node)
+            if idx not in scored:  # its channels change only what nothing scores: gradients there are zero
+                for o in node.output:
+                    self.freeze_tc(self.lay.get(o), f"{self.label(idx)} does not feed the first output {first}, "
+                                                    "the one scored and judged")
         for o in self.g.output:
             if o.name in self.lay:
                 self.freeze_tc(self.lay[o.name], f"reaches graph output {o.name}")
