@@ -21,9 +21,24 @@ Dims = tuple  # tuple[int | str | None, ...]
 SHAPE_KEEPING_OPS = {"GroupNormalization", "MeanVarianceNormalization"}
 
 
+def _sparse_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Sparse initializers shown to onnx as dense inputs of their shape: inference types them as sparse
+    tensors, which no op's inference takes, and every shape after them went unknown (a --sparse-storage
+    model's MACs read 0)."""
+    g = model.graph
+    if not g.sparse_initializer:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.sparse_initializer[:]
+    out.graph.input.extend(helper.make_tensor_value_info(sp.values.name, sp.values.data_type, list(sp.dims))
+                           for sp in g.sparse_initializer)
+    return out
+
+
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with value_info filled by onnx shape inference (the input if inference fails)."""
-    shown = with_ops_as_identity(model, SHAPE_KEEPING_OPS)
+    shown = _sparse_as_inputs(with_ops_as_identity(model, SHAPE_KEEPING_OPS))
     try:
         inferred = onnx.shape_inference.infer_shapes(shown, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
