@@ -596,3 +596,20 @@ def test_a_view_after_a_chunk_keeps_the_layer_before_it_prunable():
     ct = [g for g in an.groups if any(m.initializer == "ct.weight" and m.role == "producer" for m in g.members)]
     assert [g.size for g in ct] == [8], _reasons(an)
     assert "mixes the channel axis" not in _reasons(an)
+
+
+def test_a_conv_with_a_computed_bias_is_listed_frozen_with_the_export_fix():
+    """An export without graph optimisation writes a zero bias as Expand(CastLike(0, x), Shape(W)). Before:
+    that conv's channels were neither a group nor listed frozen, and the refusal named an unrelated node."""
+    b = GraphBuilder()
+    wname = b.rand(8, 3, 3, 3)
+    zero = b.op("CastLike", [b.const(np.array(0.0, np.float32)), "x"])
+    bias = b.op("Expand", [zero, b.op("Shape", [wname], start=0, end=1)])
+    h = b.op("Relu", [b.op("Conv", ["x", wname, bias], pads=[1, 1, 1, 1])])
+    y = _head(b, h, 8)
+    an = analyze(b.model([("x", ["N", 3, 6, 6])], [y], opset=15))
+    assert an.groups == []
+    frozen = [f for f in an.frozen if f["channels"] == 8]
+    assert len(frozen) == 1 and "has a computed bias" in frozen[0]["reason"], an.frozen
+    assert "optimize=True" in frozen[0]["reason"]
+    assert frozen[0]["reason"].count("computed bias") == 1  # each reason once, however many uses freeze it

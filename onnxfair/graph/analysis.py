@@ -130,7 +130,7 @@ def analyze(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
         if root in seen:
             continue
         seen.add(root)
-        frozen.append({"space": w.spaces.name[root], "channels": w.spaces.size[root], "reason": "; ".join(reasons)})
+        frozen.append({"space": w.spaces.name[root], "channels": w.spaces.size[root], "reason": "; ".join(dict.fromkeys(reasons))})
     return Analysis(model=m, groups=groups, frozen=frozen, cost=cost, input_shapes=dict(input_shapes or {}),
                     spaces=w.spaces, group_root=roots, fixes=list(w.fixes))
 

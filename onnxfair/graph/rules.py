@@ -335,7 +335,12 @@ def _conv_inputs(w: Walker, idx: int, node: onnx.NodeProto):
     wd = w.const_dims(wn)
     tc = w.lay.get(x)
     if wd is None or (b and w.const_dims(b) is None):
-        w.freeze_inputs(idx, f"{node.op_type} {w.label(idx)} has a computed weight")
+        reason = (f"{node.op_type} {w.label(idx)} has a computed {'weight' if wd is None else 'bias'} (export "
+                  "with graph optimisation on, as torch.onnx.export(optimize=True) does, to make it an initializer)")
+        w.freeze_inputs(idx, reason)
+        if wd is not None:  # its output channels are known: listed frozen, with the reason, not left unnamed
+            cout = wd[0] if node.op_type == "Conv" else wd[1] * int(_attrs(node).get("group", 1))
+            _frozen_output(w, idx, node.output[0], cout, w.rank(x) or len(wd), reason)
         return None
     if tc is not None and tc.axis != 1:
         w.freeze_tc(tc, f"{node.op_type} {w.label(idx)} reads channels on axis {tc.axis}")
