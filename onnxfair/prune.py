@@ -502,9 +502,15 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
                                     "zero_before": sum(before.values())}
             structure["layers"] = [{"name": n, "weights": int(m.size), "kept": int(m.size) - written[n]}
                                    for n, m in masks.items()]
-            if cfg.sparsity is not None and zeros / max(total, 1) > cfg.sparsity + 0.02 and sum(before.values()):
-                progress(f"note: {zeros / max(total, 1):.3f} of the prunable weights are zero, not {cfg.sparsity}: "
+            share = zeros / max(total, 1)
+            if cfg.sparsity is not None and share > cfg.sparsity + 0.02 and sum(before.values()):
+                progress(f"note: {share:.3f} of the prunable weights are zero, not {cfg.sparsity}: "
                          f"the input model already had {sum(before.values()):,} zero weights")
+            elif cfg.sparsity is not None and abs(share - cfg.sparsity) > 0.02:
+                why = (f"{zeros} of {total} weights is the nearest whole count" if cfg.scope == "global" else
+                       "each layer removes round(sparsity x its size) of its weights, and small layers land furthest "
+                       "from the fraction; --scope global rounds the total once")
+                progress(f"warning: {share:.3f} of the prunable weights removed, not {cfg.sparsity}: {why}")
             emptied = [n for n, m in masks.items() if m.size and not np.count_nonzero(m)]
             if emptied:  # the layer's output no longer depends on its input
                 fix = ("use --scope layer or a lower --sparsity" if cfg.scope == "global"
@@ -544,11 +550,13 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         if not cfg.structured:
             cost["params_nonzero_pruned"] = nonzero_params(pruned)
         if cfg.target_macs is not None and cost["macs_ratio"] < 0.9 * cfg.target_macs:  # 10 % under the budget
-            fix = ("a smaller --round-to fits more closely" if cfg.round_to > 1
-                   else "--scope layer takes the same fraction from every group, which fits differently")
+            other = ("--scope global (one ranking over every group)" if cfg.scope == "layer"
+                     else "--scope layer (the same fraction from every group)")
+            fix = "a smaller --round-to fits more closely" if cfg.round_to > 1 else f"{other} fits differently"
+            how = ("every group keeps the same fraction" if cfg.scope == "layer"
+                   else "channels go in the ranking's order")
             progress(f"warning: {cost['macs_ratio']:.3f} of the MACs kept, not {cfg.target_macs} (--target-macs): "
-                     f"channels go in blocks of --round-to {cfg.round_to} in the ranking's order and no closer fit was "
-                     f"found; {fix}")
+                     f"{how}, in blocks of --round-to {cfg.round_to}, and no closer fit was found; {fix}")
 
     report: dict = {
         "onnxfair_report": 1,
@@ -687,7 +695,15 @@ def sparsity_miss_note(cfg, groups: list[dict]) -> str | None:
 def _sparsity_miss_reason(cfg, groups: list[dict], removed: float) -> str:
     """Why the channels removed miss --sparsity: a floor every group keeps (a shortfall with groups at it), or
     counts rounded to multiples of --round-to."""
-    floors = [g for g in groups if g["kept"] == min(max(cfg.round_to, 1), g["channels"]) < g["channels"]]
+    def at_floor(g: dict) -> bool:
+        """Kept at its floor (one block), and held there by it: under layer scope only when the fraction asks
+        for fewer channels than a block (a group whose own fraction rounds to one block is not short)."""
+        floor = min(max(cfg.round_to, 1), g["channels"])
+        if not g["kept"] == floor < g["channels"]:
+            return False
+        return cfg.scope == "global" or g["channels"] * (1 - cfg.sparsity) < floor
+
+    floors = [g for g in groups if at_floor(g)]
     if removed < cfg.sparsity and floors:
         return (f"every group keeps at least one block of --round-to {cfg.round_to} ({len(floors)} at it); lower "
                 "--round-to for a closer fit" if cfg.round_to > 1 else "every group keeps at least one channel")

@@ -404,15 +404,20 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
     def keep_of(counts) -> dict[int, np.ndarray]:
         return {gr.g.id: gr.kept(k) for gr, k in zip(gs, counts)}
 
+    measured_at: dict[tuple, float] = {}  # the real cost of each distinct selection, measured once
+
     def real(counts) -> float:
-        return float(macs_fn(keep_of(counts))) if macs_fn is not None else estimate(counts)
+        key = tuple(counts)
+        if key not in measured_at:
+            measured_at[key] = float(macs_fn(keep_of(counts))) if macs_fn is not None else estimate(counts)
+        return measured_at[key]
 
     if scope == "layer":
         def counts_at(f: float) -> list[int]:
             return [gr.rounded(min(gr.g.size * (1.0 - f), gr.n_alive)) for gr in gs]
 
-        def smallest_fraction(measure, lo: float, iters: int) -> float:
-            hi = 1.0
+        def smallest_fraction(measure, lo: float, hi: float, iters: int) -> float:
+            """The smallest fraction in [lo, hi] whose counts meet the goal (hi is taken to meet it)."""
             if measure(counts_at(lo)) <= goal:
                 return lo
             for _ in range(iters):
@@ -423,29 +428,24 @@ def _select_macs(gs, target, scope, rank, lid, macs_fn, dense_macs) -> dict[int,
                     lo = mid
             return hi
 
-        f = smallest_fraction(estimate, 0.0, 40)
+        f = smallest_fraction(estimate, 0.0, 1.0, 40)
+        if macs_fn is not None:  # the per-channel estimate is linear; a layer whose input and output channels
+            # are both pruned costs less than it says, so the real cost may sit well under the goal: search on it
+            under = real(counts_at(f)) <= goal
+            f = smallest_fraction(real, 0.0, f, 16) if under else smallest_fraction(real, f, 1.0, 16)
         counts = counts_at(f)
         measured = real(counts)
-        if macs_fn is not None and measured > goal:
-            f = smallest_fraction(real, f, 16)
-            counts = counts_at(f)
-            measured = real(counts)
         _check_met(measured, goal, total, target, gs)
         return keep_of(counts)
 
     order_cost = cost[lid]
     prefix = np.cumsum(order_cost)
 
-    measured_at: dict[tuple, float] = {}  # the real cost of each distinct selection, measured once
-
     def select_at(limit: float) -> tuple[list[int], float]:
         n = int(np.searchsorted(prefix, limit + 1e-9, side="right"))
         ideal = np.bincount(lid[:n], minlength=len(gs))
         counts = _fit_counts(gs, [gr.rounded(k) for gr, k in zip(gs, ideal)], cost, limit, rank)
-        key = tuple(counts)
-        if key not in measured_at:
-            measured_at[key] = real(counts)
-        return counts, measured_at[key]
+        return counts, real(counts)
 
     limit = goal - fixed
     fewest = [int(gr.allowed()[0]) for gr in gs]  # the fewest channels each group may keep, rounding included

@@ -109,6 +109,21 @@ def test_a_layer_emptied_by_global_scope_is_reported(tmp_path):
     assert not np.count_nonzero(initializer_arrays(onnx.load(out))["W2"])
 
 
+def test_an_unstructured_sparsity_per_layer_rounding_misses_is_reported(tiny_linear, tmp_path):
+    """Before: only a structured shortfall was warned about, though the README says both are. 12 weights at
+    0.05 per layer: round(0.6) = 1 removed, 0.083; at 0.5, 6 of 12 exactly, and nothing said."""
+    out = tmp_path / "u.onnx"
+    common = ("prune", tiny_linear["path"], "--method", "magnitude", "--unstructured", "-o", out, "--json", "-",
+              "--no-latency")
+    r = run(*common, "--sparsity", "0.05", "--scope", "layer")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["structure"]["weights"]["zeroed"] == 1
+    assert "warning: 0.083 of the prunable weights removed, not 0.05: each layer removes round(sparsity x its size)" \
+        in r.stderr
+    r = run(*common, "--sparsity", "0.5")
+    assert json.loads(r.stdout)["structure"]["weights"]["zeroed"] == 6 and "warning" not in r.stderr
+
+
 def test_a_sparsity_rounding_cannot_reach_is_reported(tmp_path):
     # 64-channel groups, blocks of 16, at least one block kept: 0.95 can only become 0.75
     out = tmp_path / "r.onnx"

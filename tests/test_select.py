@@ -426,3 +426,47 @@ def test_unreachable_mac_target_is_refused():
     for scope in ("layer", "global"):
         with pytest.raises(UsageError, match="cannot be met"):
             select_channels(sc, gs, target_macs=0.2, scope=scope)
+
+
+@pytest.mark.parametrize("target, kept", [(0.3, 17), (0.5, 22), (0.7, 26)])
+def test_layer_scope_meets_a_mac_budget_on_the_real_cost_not_the_linear_estimate(target, kept):
+    """Residual 3x3 convs whose input and output channels are one group cost k^2 for k kept channels. The
+    per-channel estimate is linear, so it over-counts; before, layer scope only tightened on the real cost
+    and kept 9 channels (0.08 of the MACs) for a 0.3 budget. The fewest channels meeting it, by count: 17."""
+    from onnxfair.graph import analyze
+    from onnxfair.prune import PruneConfig, prune_model
+    from tests.test_graph_support import GraphBuilder
+
+    b = GraphBuilder()
+    a = b.op("Relu", [b.conv("x", 3, 32, k=1)])
+    r = b.op("Add", [a, b.conv(a, 32, 32)])
+    r = b.op("Add", [r, b.conv(r, 32, 32)])
+    f = b.op("Flatten", [b.op("GlobalAveragePool", [r])], axis=1)
+    m = b.model([("x", ["N", 3, 8, 8])], [b.op("Gemm", [f, b.rand(3, 32)], transB=1)], opset=13)
+    assert [g.size for g in analyze(m).groups] == [32]
+    rep = prune_model(m, None, None, PruneConfig(method="magnitude", target_macs=target, scope="layer", round_to=1,
+                                                 latency=False, threads=1)).report
+    assert [g["kept"] for g in rep["structure"]["groups"]] == [kept]
+    assert rep["cost"]["macs_ratio"] <= target
+    more = prune_model(m, None, None, PruneConfig(method="magnitude", target_macs=target, scope="global", round_to=1,
+                                                  latency=False, threads=1)).report
+    assert [g["kept"] for g in more["structure"]["groups"]] == [kept]  # one group: both scopes agree
+
+
+@pytest.mark.parametrize("scope, sizes, kept, reason", [
+    # layer scope at 0.5, --round-to 8: 16 -> 8 is its own fraction, not a floor; 24 -> 16 and 40 -> 24 round up
+    ("layer", [16, 24, 40], [8, 16, 24], "rounded to multiples of --round-to 8"),
+    # at 0.9 an 8-channel group would keep 0.8: the one block it keeps is the floor
+    ("layer", [8, 64], [8, 8], "every group keeps at least one block of --round-to 8 (1 at it)"),
+    ("global", [16, 64], [8, 8], "every group keeps at least one block of --round-to 8 (2 at it)"),
+])
+def test_a_sparsity_shortfall_blames_the_floor_only_where_it_holds_a_group(scope, sizes, kept, reason):
+    from types import SimpleNamespace
+
+    from onnxfair.prune import sparsity_miss_note
+
+    sparsity = 0.9 if sizes[0] == 8 or scope == "global" else 0.5
+    cfg = SimpleNamespace(sparsity=sparsity, scope=scope, round_to=8)
+    groups = [{"channels": n, "kept": k} for n, k in zip(sizes, kept)]
+    note = sparsity_miss_note(cfg, groups)
+    assert note is not None and reason in note, note
