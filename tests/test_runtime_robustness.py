@@ -156,6 +156,25 @@ def test_a_data_failure_is_reported_once_without_the_pinned_batch_warning_or_onn
     assert "onnxruntime:" not in capfd.readouterr().err
 
 
+def test_an_index_the_interpreter_cannot_take_is_blamed_on_the_data_not_on_shapes(tmp_path):
+    """Before: a token id beyond the table failed in scoring with "check ... the shape the graph expects",
+    which sent the user to the wrong place."""
+    m = tmp_path / "emb.onnx"
+    model = _embedding()
+    model.graph.node[-1].output[0] = "pooled"
+    model.graph.node.append(helper.make_node("MatMul", ["pooled", "W"], ["logits"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.eye(3, dtype=np.float32), "W"))
+    onnx.save(model, m)
+    ids = np.zeros((40, 2))
+    ids[3, 0] = 9
+    r = run("risk", m, "--data", _ids_data(tmp_path, ids), "--groups", "race", "--hutchinson-samples", "0",
+            "--unstructured")
+    assert r.exit_code == 2, r.output
+    assert _last_line(r).startswith("error: the interpreter cannot run the model on the data (index out of range")
+    assert _last_line(r).endswith("check that the data's integer inputs hold values the graph can index with (token "
+                                  "ids below the vocabulary size, say)")
+
+
 def test_a_bad_row_after_the_first_is_not_blamed_on_the_batch(tmp_path):
     """Row 0 runs alone, so "runs on one row" is not enough: the batch must fail where row 0 repeated runs."""
     from onnxfair.runtime import create_session

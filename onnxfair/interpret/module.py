@@ -149,9 +149,11 @@ def checked_output(mod: "OnnxModule", inputs: Mapping[str, torch.Tensor]) -> tor
     try:
         raw = mod(**inputs)
     except INTERPRETER_ERRORS as exc:  # torch's own error: one line for the commands
-        raise ModelError(f"the interpreter cannot run the model on the data ({one_line(exc)}); "
-                         "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
-                         "--batch-size if memory ran out)") from None
+        fix = ("check that the data's integer inputs hold values the graph can index with (token ids below the "
+               "vocabulary size, say)" if isinstance(exc, IndexError) else
+               "check that each input array has the shape the graph expects, rows along dim 0 (or lower "
+               "--batch-size if memory ran out)")
+        raise ModelError(f"the interpreter cannot run the model on the data ({one_line(exc)}); {fix}") from None
     rows = next(iter(inputs.values())).shape[0]
     first = raw[0] if isinstance(raw, (tuple, list)) else raw
     if rows == 1 and first.dim() and first.shape[0] != 1:  # a squeezed head at one row: run it twice, keep one
