@@ -870,3 +870,21 @@ def test_if_branches_reading_a_value_twice_and_following_the_parent_to_float64()
     np.testing.assert_allclose(mod(x=torch.from_numpy(x), c=torch.tensor(True)).detach().numpy(), ref[0], rtol=1e-6)
     out = mod.double()(x=torch.from_numpy(x).double(), c=torch.tensor(True))
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("refusals, fix", [
+    ({"BatchNormalization(training_mode=1)": 2}, "export the model in eval mode (model.eval() before"),
+    ({"RMSNormalization": 2, "Attention": 1},
+     "export at opset 22 or lower (torch.onnx.export(..., opset_version=18), say), which writes Attention and "
+     "RMSNormalization as basic ops (`onnxfair inspect"),
+    ({"Loop": 1}, "refuses the model: re-export it with them expressed through supported ops (`onnxfair"),
+    ({"Attention": 1, "Loop": 1}, "as basic ops; re-export the rest with them expressed through supported ops"),
+])
+def test_a_refusal_an_export_setting_avoids_names_that_setting(refusals, fix):
+    """Before: every refusal said "re-export it with them expressed through supported ops", where eval mode
+    or a lower opset is the whole fix."""
+    from collections import Counter
+
+    from onnxfair.interpret.compile import refusal_message
+
+    assert fix in refusal_message(Counter(refusals))

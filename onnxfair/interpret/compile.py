@@ -265,7 +265,25 @@ def _prune_dead(steps: list[Step], outputs: list[str]) -> list[Step]:
     return kept
 
 
+# refusals an export setting avoids, and that setting: (what the refusal's key starts with, the fix)
+_EXPORT_FIXES = (
+    (("RMSNormalization", "Attention", "RotaryEmbedding"),
+     "export at opset 22 or lower (torch.onnx.export(..., opset_version=18), say), which writes {op} as basic ops"),
+    (("BatchNormalization(training_mode", "Dropout(training_mode"),
+     "export the model in eval mode (model.eval() before torch.onnx.export)"),
+)
+
+
 def refusal_message(refusals: Counter) -> str:
     parts = ", ".join(f"{k} x{v}" for k, v in sorted(refusals.items(), key=lambda kv: (-kv[1], kv[0])))
+    fixes, covered = [], set()
+    for starts, fix in _EXPORT_FIXES:
+        hit = sorted(k for k in refusals if k.startswith(starts))
+        if hit:
+            covered.update(hit)
+            fixes.append(fix.format(op=" and ".join(dict.fromkeys(k.split("(")[0] for k in hit))))
+    if len(covered) < len(refusals):
+        fixes.append(f"re-export {'the rest' if covered else 'it'} with them expressed through supported ops")
+    fix = "; ".join(fixes)
     return (f"unsupported ops: {parts}; onnxfair cannot interpret these faithfully, so it refuses the model: "
-            "re-export it with them expressed through supported ops (`onnxfair inspect MODEL` lists what is left)")
+            f"{fix} (`onnxfair inspect MODEL` lists what is left)")
