@@ -8,89 +8,102 @@ gradients replaced by these scores (`act`) or added to them after per-group norm
     python bench/proto_activation_fairgrape.py OUT.json act --models resnet_digits --methods fairgrape,magnitude \
         --sparsities 0.9 --repair balanced --finetune-epochs 4
 """
-import sys, json, numpy as np, onnx, onnxruntime as ort
+from __future__ import annotations
+
+import json
+import sys
 from pathlib import Path
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "bench"))
-import bench_methods as B
-from onnxfair.importance import scores as S
-from onnxfair.importance.engine import GradStats
+
+import numpy as np
+import onnx
+import onnxruntime as ort
 from onnx import helper
 
-MODEL = {}
-MODE = sys.argv[2] if len(sys.argv) > 2 else "act"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-def consumers(m):
+import bench_methods as B  # noqa: E402
+from onnxfair.importance import scores as S  # noqa: E402
+
+GRADIENTS = S.accumulate_gradients
+
+
+def weight_inputs(model: onnx.ModelProto) -> dict[str, tuple[str, str, int]]:
+    """weight name -> (op, the data input it multiplies, Conv's group or Gemm's transB)."""
     out = {}
-    for n in m.graph.node:
+    for n in model.graph.node:
+        attrs = {a.name: a.i for a in n.attribute}
         if n.op_type == "Conv" and len(n.input) > 1:
-            g = next((a.i for a in n.attribute if a.name == "group"), 1)
-            out[n.input[1]] = ("Conv", n.input[0], g)
+            out[n.input[1]] = ("Conv", n.input[0], attrs.get("group", 1))
         elif n.op_type == "Gemm":
-            tb = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            out[n.input[1]] = ("Gemm", n.input[0], tb)
+            out[n.input[1]] = ("Gemm", n.input[0], attrs.get("transB", 0))
     return out
 
-def act_stats(m, ds, names):
-    cons = consumers(m)
-    want = sorted({cons[n][1] for n in names})
-    m2 = onnx.ModelProto(); m2.CopyFrom(m)
-    for w in want:
-        m2.graph.output.append(helper.make_tensor_value_info(w, onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(m2.SerializeToString(), providers=["CPUExecutionProvider"])
+
+def input_energy(model: onnx.ModelProto, ds, inputs: list[str]) -> dict[str, np.ndarray]:
+    """[K, C] per data input: each channel's summed square over positions, averaged over group g's rows."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in inputs)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     K = len(ds.group_labels)
-    acc = {w: None for w in want}; cnt = np.zeros(K)
-    for inputs, y, gids in ds.batches(256):
-        outs = sess.run(want, {k: np.asarray(v) for k, v in inputs.items()})
-        gids = np.asarray(gids); cnt += np.bincount(gids, minlength=K)
-        for w, o in zip(want, outs):
-            e = (o.astype(np.float64) ** 2)
+    sums = {x: 0.0 for x in inputs}
+    rows = np.zeros(K)
+    for feed, _y, gids in ds.batches(256):
+        gids = np.asarray(gids)
+        rows += np.bincount(gids, minlength=K)
+        for x, v in zip(inputs, sess.run(inputs, {k: np.asarray(a) for k, a in feed.items()})):
+            e = v.astype(np.float64) ** 2
             e = e.reshape(e.shape[0], e.shape[1], -1).sum(-1) if e.ndim > 2 else e
-            s = np.stack([e[gids == g].sum(0) for g in range(K)])
-            acc[w] = s if acc[w] is None else acc[w] + s
-    return {w: a / cnt[:, None] for w, a in acc.items()}, cons
+            sums[x] = sums[x] + np.stack([e[gids == g].sum(0) for g in range(K)])
+    return {x: s / rows[:, None] for x, s in sums.items()}
 
-orig = S.accumulate_gradients
-def patched(mod, dataset, names, **kw):
-    st = orig(mod, dataset, names, **kw)
-    m = MODEL["m"]
-    a, cons = act_stats(m, dataset, names)
-    params = mod.params
-    sq = {}
-    for n in names:
-        w = params[n].detach().double().numpy()
-        op, x, attr = cons[n]
-        A = a[x]  # [K, C_in]
-        K = A.shape[0]
-        if op == "Conv":
-            O, I = w.shape[:2]; G = attr
-            ch = (np.arange(O)[:, None] // (O // G)) * I + np.arange(I)[None, :]  # [O, I]
-            imp = np.stack([(w ** 2) * A[g][ch][:, :, None, None] for g in range(K)])
-        else:
-            imp = np.stack([(w ** 2) * (A[g][None, :] if attr else A[g][:, None]) for g in range(K)])
-        if MODE == "mix":
-            imp = imp / imp.reshape(K, -1).sum(1).reshape((K,) + (1,) * w.ndim) + st.sq[n] / st.sq[n].reshape(K, -1).sum(1).reshape((K,) + (1,) * w.ndim)
-        sq[n] = imp
-    st.sq = sq
-    return st
-S.accumulate_gradients = patched
 
-args = B.parse_args(sys.argv[3:])
-name = args.models[0]
-file, prefix, attr = B.FIXTURES[name]
-model = onnx.load(f"{ROOT}/fixtures/{file}")
-MODEL["m"] = model
-calib = B.load_dataset(f"{ROOT}/fixtures/{prefix}_calib.npz", model, attr)
-ev = B.load_dataset(f"{ROOT}/fixtures/{prefix}_{args.eval_split}.npz", model, attr)
-rows = []
-for meth in args.methods:
-    for s in args.sparsities:
-        for seed in args.seeds:
-            if meth != "fairgrape":
-                S.accumulate_gradients = orig
+def per_group_scores(model: onnx.ModelProto, mode: str):
+    """A stand-in for the engine: its squared gradients replaced by (act) or summed with (mix) W^2 * energy."""
+    def accumulate(mod, dataset, names, **kw):
+        stats = GRADIENTS(mod, dataset, names, **kw)
+        uses = weight_inputs(model)
+        energy = input_energy(model, dataset, sorted({uses[n][1] for n in names}))
+        for n in names:
+            w = mod.params[n].detach().double().numpy()
+            op, x, attr = uses[n]
+            A = energy[x]
+            K = A.shape[0]
+            if op == "Conv":  # input channel of W[o, i]: the group's offset plus i
+                O, I = w.shape[:2]
+                ch = (np.arange(O)[:, None] // (O // attr)) * I + np.arange(I)[None, :]
+                imp = np.stack([w ** 2 * A[g][ch][:, :, None, None] for g in range(K)])
             else:
-                S.accumulate_gradients = patched
-            r = B.one_run(model, calib, ev, name, meth, s, seed, args)
-            rows.append(r)
-            print(f"{meth:10s} s={s} seed={seed} acc {100*r['accuracy']:.2f} std {100*r['std_delta']:.2f} groups {r['pruned_groups']}", flush=True)
-json.dump(rows, open(sys.argv[1], "w"))
+                imp = np.stack([w ** 2 * (A[g][None, :] if attr else A[g][:, None]) for g in range(K)])
+            if mode == "mix":
+                unit = (K,) + (1,) * w.ndim
+                imp = imp / imp.reshape(K, -1).sum(1).reshape(unit) + stats.sq[n] / stats.sq[n].reshape(K, -1).sum(1).reshape(unit)
+            stats.sq[n] = imp
+        return stats
+    return accumulate
+
+
+def main(argv: list[str]) -> None:
+    out, mode, args = argv[0], argv[1], B.parse_args(argv[2:])
+    name = args.models[0]
+    file, prefix, attr = B.FIXTURES[name]
+    model = onnx.load(str(ROOT / "fixtures" / file))
+    calib = B.load_dataset(ROOT / "fixtures" / f"{prefix}_calib.npz", model, attr)
+    held = B.load_dataset(ROOT / "fixtures" / f"{prefix}_{args.eval_split}.npz", model, attr)
+    patched = per_group_scores(model, mode)
+    rows = []
+    for method in args.methods:
+        S.accumulate_gradients = patched if method == "fairgrape" else GRADIENTS
+        for sparsity in args.sparsities:
+            for seed in args.seeds:
+                r = B.one_run(model, calib, held, name, method, sparsity, seed, args)
+                rows.append(r)
+                print(f"{method:10s} s={sparsity} seed={seed} acc {100 * r['accuracy']:.2f} "
+                      f"std_delta {100 * r['std_delta']:.2f} groups {r['pruned_groups']}", flush=True)
+    Path(out).write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
