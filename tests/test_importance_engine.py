@@ -168,3 +168,32 @@ def test_engine_input_errors():
         compute_scores("taylor", mod, None, weights=["w1"])
     with pytest.raises(UsageError, match="unknown criterion"):
         compute_scores("random", mod, ds)
+
+
+@pytest.mark.parametrize("call", ["torch_device", "resolve_device"])
+def test_a_cuda_device_asks_for_reproducible_kernels(monkeypatch, call):
+    """Identical inputs must give identical masks; on CUDA the default kernels add in a varying order.
+    (No GPU here: torch is told it has one, and nothing is moved to it.)"""
+    import os
+
+    import torch
+
+    from onnxfair.importance.engine import resolve_device
+    from onnxfair.interpret.device import torch_device
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch.use_deterministic_algorithms(False)
+    try:
+        dev = torch_device("auto") if call == "torch_device" else resolve_device("cuda", None)
+        assert dev.type == "cuda"
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+    assert torch_device("cpu").type == "cpu"

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from onnxfair.errors import DataError, UsageError
+from onnxfair.interpret.device import deterministic_cuda
 from onnxfair.interpret.module import checked_output
 from onnxfair.losses import as_class_logits, loss_fn
 
@@ -68,14 +69,18 @@ def module_device(mod: Any) -> torch.device:
 def resolve_device(device: str | torch.device | None, mod: Any) -> torch.device:
     """None keeps the module where it is; "auto" picks CUDA when torch sees it; "cpu"/"cuda" as asked."""
     if device is None:
-        return module_device(mod)
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        dev = module_device(mod)
+    elif isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda":
+        deterministic_cuda()
+    return dev
 
 
 def _tensors(inputs: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
