@@ -55,7 +55,8 @@ an epoch is feasible when its val violation is within tolerance ``eps`` (equaliz
 cross-entropy on val ≤ eps, in nats, default 0.05; ceag: max_g ψ_g on val ≤ ε, in accuracy, default 0.02);
 among feasible epochs the highest val accuracy wins, and when no epoch is feasible the smallest violation
 wins. Ties keep the earlier epoch. Training stops after ``patience`` epochs
-without a new best.
+without a new best; equalized and ceag count them only once an epoch is feasible (until then the violation
+may grow while the multipliers build up), so a run that never meets its constraint runs every epoch.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def untrainable_names(model) -> set[str]:
     if model is None:
         return names
     graph = model.graph
-    weights = {x for n in graph.node if n.op_type in _WEIGHT_READERS for x in n.input[:3]}
+    weights = {x for n in graph.node if n.op_type in _WEIGHT_READERS for x in n.input[:3]} | _fitted_scalars(graph)
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -134,6 +135,22 @@ def untrainable_names(model) -> set[str]:
             names.update(node.input[1:3])
     names.update(i.name for i in graph.initializer if int(np.prod(i.dims)) <= 1 and i.name not in weights)
     return names - {""}
+
+
+def _fitted_scalars(graph) -> set[str]:
+    """Initializers fitted to the data though no weight op reads them: a PRelu's slopes, and the bias a
+    separate Add or Sub puts on a Conv, Gemm or MatMul output (a one-logit head's threshold, as tf2onnx
+    writes a Dense(1)): a scalar one would otherwise be taken for a constant of the function."""
+    inits = {i.name for i in graph.initializer}
+    layers = {o for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") for o in n.output}
+    fitted = set()
+    for n in graph.node:
+        if n.op_type == "PRelu" and len(n.input) > 1:
+            fitted.add(n.input[1])
+        elif n.op_type in ("Add", "Sub") and len(n.input) == 2:
+            a, b = n.input
+            fitted.update(c for c, other in ((a, b), (b, a)) if c in inits and other in layers)
+    return fitted
 
 
 def module_model(mod):

@@ -556,3 +556,21 @@ def test_float16_parameters_step_like_float32_ones():
         results.append(p.detach().double())
     assert p.dtype == torch.float16
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)  # float16's own rounding at 0.05
+
+
+def test_a_scalar_bias_and_a_single_prelu_slope_are_trained_not_taken_for_constants():
+    """Before: any one-element initializer that no weight op reads was frozen, so a one-logit head's bias
+    on its own Add (tf2onnx's Dense(1)) and torch's default one-slope PReLU never trained. The constants
+    that define a function (a GELU's 0.5, a Pow exponent, Clip bounds) stay frozen."""
+    from onnxfair.finetune import untrainable_names
+
+    inits = {"W1": np.ones((4, 3)), "slope": np.array([0.25]), "half": np.array(0.5), "two": np.array(2.0),
+             "W2": np.ones((3, 1)), "b2": np.array([0.1]), "lo": np.array(0.0), "hi": np.array(6.0)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("PRelu", ["h", "slope"], ["p"]),
+             helper.make_node("Pow", ["p", "two"], ["q"]), helper.make_node("Mul", ["q", "half"], ["r"]),
+             helper.make_node("Clip", ["r", "lo", "hi"], ["c"]), helper.make_node("MatMul", ["c", "W2"], ["z"]),
+             helper.make_node("Add", ["z", "b2"], ["logit"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    assert untrainable_names(helper.make_model(graph)) == {"half", "two", "lo", "hi"}
