@@ -42,7 +42,7 @@ Bi-level approximation (first order)
     with the dense weights kept and a warning.
 
 Binarisation (onnxfair.select, the selection every method uses)
-    The final scores become a :class:`onnxfair.importance.Scores` (criterion "bilevel", every unit alive)
+    The final scores become a :class:`onnxfair.importance.Scores` (criterion "bilevel"; weights the input model already had at zero count as removed)
     and go through :func:`onnxfair.select.select_channels` (structured) or
     :func:`onnxfair.select.select_weights` (unstructured) with the run's budget, scope and round_to, so
     counts, rounding, Split/Slice parts and ties are exactly the other methods'. The steps' hard masks
@@ -173,9 +173,11 @@ def _spread(jg: torch.Tensor, present: torch.Tensor, kind: str) -> torch.Tensor:
     return vals.max() - vals.min()
 
 
-def learned_scores(units: Sequence[ChannelGroup] | Sequence[str], final: Mapping) -> Scores:
+def learned_scores(units: Sequence[ChannelGroup] | Sequence[str], final: Mapping,
+                   alive: Mapping[str, np.ndarray] | None = None) -> Scores:
     """The learned mask scores as the selection's input: channel scores per group id (structured) or weight
-    scores per initializer (unstructured), every unit alive (bi-level starts from the dense model)."""
+    scores per initializer (unstructured). Every channel is alive (bi-level starts from the dense model);
+    `alive` (unstructured) marks the weights the input model already had at zero, which stay removed."""
     structured = bool(units) and isinstance(units[0], ChannelGroup)
     if structured:
         channels = {g.id: np.asarray(final[g.id], np.float64) for g in units}
@@ -183,7 +185,8 @@ def learned_scores(units: Sequence[ChannelGroup] | Sequence[str], final: Mapping
                       channel_alive={gid: np.ones(sc.shape, bool) for gid, sc in channels.items()})
     weights = {n: np.asarray(final[n], np.float64) for n in units}
     return Scores(criterion="bilevel", structured=False, weights=weights,
-                  weight_alive={n: np.ones(sc.shape, bool) for n, sc in weights.items()})
+                  weight_alive={n: np.ones(sc.shape, bool) if alive is None or n not in alive
+                                else np.asarray(alive[n], bool) for n, sc in weights.items()})
 
 
 def macs_keep_fraction(groups: Sequence[ChannelGroup], target_macs: float, dense_macs: float | None = None) -> float:
@@ -204,13 +207,19 @@ def macs_keep_fraction(groups: Sequence[ChannelGroup], target_macs: float, dense
 
 
 def magnitude_prior(magnitude: Scores, units: Sequence[ChannelGroup] | Sequence[str]) -> list[torch.Tensor]:
-    """Initial scores: log of the magnitude score over its layer's mean (over every unit, zeros included, as
+    """Initial scores: log of the magnitude score over its layer's mean (over the units still alive, as
     select.py normalises), so that the first step's hard mask is magnitude's at the same budget and scope.
     Units scoring 0 start 50 below the smallest other score: after every real unit, never tied with one."""
     ratios = []
     for u in units:
-        sc = np.asarray(magnitude.channels[u.id] if isinstance(u, ChannelGroup) else magnitude.weights[u], np.float64)
-        mean = float(sc.mean()) if sc.size else 0.0
+        if isinstance(u, ChannelGroup):
+            sc = np.asarray(magnitude.channels[u.id], np.float64)
+            alive = magnitude.channel_alive.get(u.id)
+        else:
+            sc = np.asarray(magnitude.weights[u], np.float64)
+            alive = magnitude.weight_alive.get(u)
+        live = sc[np.asarray(alive, bool)] if alive is not None else sc
+        mean = float(live.mean()) if live.size else 0.0
         ratios.append(sc / mean if mean > 0 else sc)
     positive = [r[r > 0].min() for r in ratios if (r > 0).any()]
     floor = float(np.log(min(positive))) - 50.0 if positive else 0.0
@@ -337,7 +346,8 @@ def bilevel_prune(
     params = mod.params
 
     def learned(step_scores: list[torch.Tensor]) -> Scores:
-        return learned_scores(units, {(u.id if structured else u): sc.numpy() for u, sc in zip(units, step_scores)})
+        return learned_scores(units, {(u.id if structured else u): sc.numpy() for u, sc in zip(units, step_scores)},
+                              None if structured else prior.weight_alive)
 
     step_budget = budget
     if target_macs is not None and macs_fn is not None:

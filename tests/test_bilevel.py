@@ -452,8 +452,9 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_dense_weights(three_laye
 
 
 def test_zero_weights_and_dead_channels_keep_magnitudes_first_mask_in_global_scope():
-    """The prior divided by the mean of the positive scores (select.py divides by the mean of all of them), so
-    with zeros in a layer the global ranking was not magnitude's; tiny weights also tied with exact zeros."""
+    """The prior must divide by the mean select.py divides by (over the units still alive; zeros already in the
+    model count as removed), or with zeros in a layer the global ranking is not magnitude's; tiny weights
+    must not tie with exact zeros."""
     from onnxfair.importance import compute_scores
 
     model = mlp3(4, h1=16, h2=12)

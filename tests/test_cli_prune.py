@@ -1231,3 +1231,24 @@ def test_the_degradation_says_how_precisely_the_rows_measure_std_delta(tmp_path)
     md = prune_markdown(json.loads(r.stdout))
     assert f"noise alone gives {100 * want['std_delta_noise_floor']:.2f} pts" in md
     assert deg["std_delta_p_value"] == want["std_delta_p_value"]
+
+
+@pytest.mark.parametrize("method", ["taylor", "fairgrape", "conflict", "bilevel"])
+def test_repruning_a_sparse_model_removes_no_more_than_asked(tmp_path, method):
+    """Zeros already in the model count as removed: the new budget must not keep them and zero live weights
+    of equal (zero) score instead, which would end sparser than asked."""
+    first, _ = _prune(tmp_path, "u80", "--method", "magnitude", "--unstructured", "--sparsity", "0.8")
+    before = initializer_arrays(onnx.load(first))
+    out = tmp_path / "again.onnx"
+    extra = ["--bilevel-steps", "20"] if method == "bilevel" else []
+    r = run("prune", first, "--data", CAL, "--groups", "race", "--method", method, "--unstructured",
+            "--sparsity", "0.9", *extra, "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    after = initializer_arrays(onnx.load(out))
+    names = [d["name"] for d in rep["structure"]["layers"]]
+    total = sum(after[n].size for n in names)
+    zeros = sum(int((after[n] == 0).sum()) for n in names)
+    assert zeros == round(0.9 * total)  # global scope: one rounding of the total
+    for n in names:  # nested: every weight zero before is zero still
+        assert not after[n][before[n] == 0].any()

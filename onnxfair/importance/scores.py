@@ -15,7 +15,7 @@ from onnxfair.importance import criteria as C
 from onnxfair.importance.engine import accumulate_gradients, dense_probabilities, resolve_device
 from onnxfair.losses import LOSS_KINDS
 
-__all__ = ["Scores", "compute_scores"]
+__all__ = ["Scores", "compute_scores", "live_weights"]
 
 
 @dataclass
@@ -52,6 +52,20 @@ def _numpy(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
+def live_weights(params: Mapping[str, Any], names: Iterable[str], masks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """name -> bool, False where a weight is masked or already exactly zero.
+
+    Zeros already in the model count as removed: re-pruning a sparse model must not spend its budget
+    keeping them while live weights of equal (zero) score go, which would zero more than asked.
+    """
+    alive = {}
+    for n in names:
+        m = masks.get(n) if masks else None
+        live = _numpy(params[n]) != 0
+        alive[n] = live if m is None else live & (_numpy(m) != 0)
+    return alive
+
+
 def compute_scores(
     criterion: str,
     mod: Any,
@@ -80,7 +94,8 @@ def compute_scores(
                 every parameter of two or more dimensions). Structured: which initializers count as
                 weights inside a group (default: see `criteria.weight_members`).
     masks       the masks to score under (None: the dense model). They are set on `mod` with
-                `set_masks` and stay set; masked weights score 0 and are marked not alive.
+                `set_masks` and stay set; masked weights, and weights already exactly zero, score 0 and
+                are marked not alive.
     loss        "ce" or "pw"; pw needs `dense_probs` from the dense model (computed here, with the masks
                 cleared, when not given — pass them in iterative runs so they stay the dense model's)
     device      None keeps `mod` where it is, else it is moved ("auto", "cpu", "cuda")
@@ -120,10 +135,7 @@ def compute_scores(
     if not names:
         raise UsageError("nothing to score: no prunable weights")
 
-    alive = {}
-    for n in names:
-        m = masks.get(n) if masks else None
-        alive[n] = np.ones(shapes[n], dtype=bool) if m is None else (_numpy(m) != 0)
+    alive = live_weights(params, names, masks)
 
     info: dict[str, Any] = {"criterion": criterion}
     labels: list[str] = []
