@@ -19,7 +19,7 @@ from onnxfair.prune import PruneConfig
 from onnxfair.settings import check_seed
 from onnxfair.sweep import (
     DISPARITIES, PLOTS, DataSpec, SweepPlan, check_out, check_recommendation_options, expand, foreign_models,
-    format_rows, output_files, parse_list, run_sweep, sweep_summary, write_results,
+    format_rows, out_lock, output_files, parse_list, run_sweep, sweep_summary, write_results,
 )
 
 UNMET_EXIT = 3  # every output is written, but no run meets --max-disparity / --max-macs-ratio
@@ -109,18 +109,20 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
         terminated.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        result = run_sweep(plan, m, calib, eval_ds, progress, disparity, max_disparity, max_macs_ratio, disparity_weight)
-    except KeyboardInterrupt:
-        progress(f"{'terminated' if terminated else 'interrupted'}; finished runs are kept in {Path(out) / 'runs'}: "
-                 "run the same command again to resume")
-        sys.exit(143 if terminated else 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    with _signals_deferred() as caught:  # the results, plots and report are written as one set, or the runs kept
-        summary = _write_outputs(plan, result, model, out, structured, no_plots, disparity, max_disparity,
-                                 max_macs_ratio, disparity_weight)
+    with out_lock(out):  # one sweep at a time in --out, from the first run to the last file written
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            result = run_sweep(plan, m, calib, eval_ds, progress, disparity, max_disparity, max_macs_ratio,
+                               disparity_weight)
+        except KeyboardInterrupt:
+            progress(f"{'terminated' if terminated else 'interrupted'}; finished runs are kept in {Path(out) / 'runs'}: "
+                     "run the same command again to resume")
+            sys.exit(143 if terminated else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        with _signals_deferred() as caught:  # the results, plots and report are written as one set, or the runs kept
+            summary = _write_outputs(plan, result, model, out, structured, no_plots, disparity, max_disparity,
+                                     max_macs_ratio, disparity_weight)
     if caught:
         progress(f"{'terminated' if signal.SIGTERM in caught else 'interrupted'} while writing the results; they were "
                  f"written in full first, in {out}")

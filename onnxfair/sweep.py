@@ -206,6 +206,9 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
     above it) a file or not writable, a sub-folder it uses a file, or a file it writes a folder. Nothing is
     created here; `prepare_out` creates the folders."""
     out = Path(plan.out)
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; create that "
+                         "folder or choose another --out")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
@@ -228,6 +231,9 @@ def check_out(plan: SweepPlan, runs: Sequence[Run] | None = None) -> None:
     for what, folder in _folders(plan).items():
         if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
             raise UsageError(f"{folder} is a file, but the sweep keeps its {what} there; move it or choose another --out")
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"{folder}, where the sweep keeps its {what}, is not writable; make it writable or "
+                             "choose another --out")
     for f in output_files(plan, runs):
         if f.is_dir():
             raise UsageError(f"{f} is a folder, but the sweep writes a file there; move it or choose another --out")
@@ -284,6 +290,48 @@ def _check_prunable(plan: SweepPlan, model: onnx.ModelProto, calib: GroupedDatas
     key = ("analysis", shapes_key(shapes), tuple(cfg.ignore))
     prunable_units(model, cfg, lambda: cache.get(key, lambda: analyze(model, input_shapes=shapes or None,
                                                                       ignore=cfg.ignore)))
+
+
+LOCK_FILE = ".sweep.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: str | Path):
+    """Hold --out for one sweep at a time: two sweeps into one folder would remove and rewrite each other's
+    files mid-run. A second one is refused (UsageError), not queued. The lock file stays (removing it would
+    let a third sweep lock a new file while a waiting one holds the old); a folder made only for the lock is
+    removed again when nothing else was written in it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): sweeps are not serialised there
+        yield
+        return
+    out = Path(out)
+    made = [d for d in [out, *out.parents] if not d.exists()]  # the folders mkdir creates, deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot create {out / LOCK_FILE}: {exc.strerror or exc}; choose another --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise UsageError(f"another onnxfair sweep{f' (process {holder})' if holder else ''} is writing to --out "
+                             f"{out}; wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                (out / LOCK_FILE).unlink()
+                for d in made:
+                    with contextlib.suppress(OSError):  # one another process wrote in stays
+                        d.rmdir()
+    finally:
+        os.close(fd)
 
 
 def prepare_out(plan: SweepPlan) -> None:

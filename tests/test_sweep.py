@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -482,6 +483,9 @@ def _bad_out(tmp_path, case):
         return tmp_path / "afile" / "sub", "afile is a file, not a folder"
     if case == "cannot create":
         return "/proc/onnxfair-sweep-test", "cannot create /proc/onnxfair-sweep-test"
+    if case == "dangling link":  # was "is a file, not a folder"
+        out.symlink_to(tmp_path / "gone")
+        return out, f"--out {out} is a symbolic link to {tmp_path / 'gone'}, which does not exist"
     out.mkdir()
     if case == "runs is a file":
         (out / "runs").write_text("x")
@@ -492,7 +496,7 @@ def _bad_out(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["file above", "runs is a file", "results.json", "results.csv", "report.html",
-                                  "pareto.png", "groups.png", "run report", "cannot create"])
+                                  "pareto.png", "groups.png", "run report", "cannot create", "dangling link"])
 def test_unusable_out_is_one_line_exit_2_before_any_run(mlp, tmp_path, counting, case):
     if case == "cannot create" and not Path("/proc/self").is_dir():
         pytest.skip("needs /proc")
@@ -501,6 +505,47 @@ def test_unusable_out_is_one_line_exit_2_before_any_run(mlp, tmp_path, counting,
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
     assert counting.calls == []  # refused before the first run, not after all of them
+
+
+def test_a_read_only_runs_folder_is_refused_before_any_run(mlp, tmp_path, counting, monkeypatch):
+    """Found only when the first run's report could not be written, before."""
+    out = tmp_path / "sw"
+    (out / "runs").mkdir(parents=True)
+    real_access = os.access
+    # the folder's mode alone would not do: the tests may run as root, whom os.access never refuses
+    monkeypatch.setattr(sweep_mod.os, "access", lambda p, mode: Path(p).name != "runs" and real_access(p, mode))
+    r = run(*sweep_args(mlp, out, "--sparsities", "0.3"))
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip() == (f"error: {out / 'runs'}, where the sweep keeps its run reports, is not writable; "
+                                "make it writable or choose another --out")
+    assert counting.calls == []
+
+
+def test_a_second_sweep_into_the_same_out_is_refused_while_the_first_runs(mlp, tmp_path, counting):
+    """Two sweeps into one folder removed and rewrote each other's files (a traceback when one unlinked a model
+    the other had timed)."""
+    out = tmp_path / "sw"
+    with sweep_mod.out_lock(out):  # the first sweep, still running
+        r = run(*sweep_args(mlp, out, "--sparsities", "0.3"))
+        assert r.exit_code == 2, r.output
+        assert r.stderr.strip() == (f"error: another onnxfair sweep (process {os.getpid()}) is writing to --out {out}; "
+                                    "wait for it to finish or choose another --out")
+        assert counting.calls == []
+    r = run(*sweep_args(mlp, out, "--sparsities", "0.3", "--no-plots", "--no-latency"))  # free again
+    assert r.exit_code == 0, r.output
+    assert len(counting.calls) == 2
+
+
+def test_a_folder_made_for_the_lock_goes_when_the_sweep_writes_nothing(tmp_path):
+    out = tmp_path / "new" / "sw"
+    with pytest.raises(UsageError):
+        with sweep_mod.out_lock(out):
+            raise UsageError("nothing prunable")
+    assert not (tmp_path / "new").exists()
+    out.mkdir(parents=True)
+    with sweep_mod.out_lock(out):
+        pass
+    assert out.is_dir()  # a folder that was there stays
 
 
 def test_plots_of_an_earlier_sweep_are_removed(mlp, tmp_path, counting):
