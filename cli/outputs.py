@@ -63,8 +63,10 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
     """
     named: list[tuple[str, Path]] = []
     for option, path in outputs.items():
-        if not path:
+        if path is None:
             continue
+        if not path.strip():  # not "no output": an empty -o would otherwise be skipped or land in the working folder
+            raise UsageError(f"{option} is empty; give a file path")
         if path == "-":
             if option != "--json":
                 raise UsageError(f"{option} - is not supported; use --json - for the report on stdout")

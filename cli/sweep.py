@@ -70,6 +70,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     self-contained DIR/report.html. A plot this sweep does not draw (--no-plots; groups.png without a
     recommended run) is removed from DIR, so DIR describes the latest sweep only.
     """
+    if not out.strip():  # Path("") is the working folder: the sweep would fill it
+        raise UsageError("--out is empty; give a folder path")
     json_out = _json_beside_results(json_out, out)
     check_outputs({"model": model, "--data": data, "--eval-data": eval_data}, {"--json": json_out})
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}

@@ -1252,3 +1252,19 @@ def test_repruning_a_sparse_model_removes_no_more_than_asked(tmp_path, method):
     assert zeros == round(0.9 * total)  # global scope: one rounding of the total
     for n in names:  # nested: every weight zero before is zero still
         assert not after[n][before[n] == 0].any()
+
+
+def test_an_empty_output_path_is_refused(tmp_path, monkeypatch):
+    """Before: -o "" and --report "" were taken as not given (nothing written, exit 0), --json "" printed
+    nothing, and sweep --out "" filled the working folder."""
+    monkeypatch.chdir(tmp_path)
+    base = ["prune", MLP, "--data", CAL, "--groups", "race", "--method", "magnitude", "--sparsity", "0.5", "--no-latency"]
+    out = tmp_path / "x.onnx"
+    assert _error([*base, "-o", ""]) == "error: -o is empty; give a file path"
+    assert _error([*base, "-o", out, "--report", " "]) == "error: --report is empty; give a file path"
+    assert _error([*base, "-o", out, "--json", ""]) == "error: --json is empty; give a file path"
+    assert _error(["evaluate", MLP, "--data", EVAL, "--groups", "race", "--json", ""]) == \
+        "error: --json is empty; give a file path"
+    assert _error(["sweep", MLP, "--data", CAL, "--groups", "race", "--methods", "magnitude", "--sparsities", "0.5",
+                   "--out", ""]) == "error: --out is empty; give a folder path"
+    assert list(tmp_path.iterdir()) == []
