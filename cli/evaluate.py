@@ -32,7 +32,8 @@ def evaluate(model: str, data: str, json_out: str | None, no_latency: bool, devi
     progress(f"evaluating {model} on {len(ds)} rows, {len(ds.group_labels)} groups")
     block = evaluate_models([m], ds, device=device, batch_size=batch_size, latency=not no_latency,
                             latency_batch=latency_batch, input_shapes=shapes, names=[model])[0]
-    report = {"onnxfair_evaluation": 1, "model": model, "data": data, "groups_by": ds.attributes, **block}
+    report = {"onnxfair_evaluation": 1, "model": model, "data": data, "groups_by": ds.attributes,
+              "latency": None, **block}  # null with --no-latency: the document keeps one shape
     if json_out != "-":
         click.echo(format_evaluation(block))
     emit_json(report, json_out)
@@ -60,12 +61,13 @@ def compare(model_a: str, model_b: str, data: str, json_out: str | None, no_late
     ea, eb = evaluate_models([a, b], ds, device=device, batch_size=batch_size, latency=not no_latency,
                              latency_batch=latency_batch, input_shapes=shapes, names=[model_a, model_b], correct=correct)
     _same_classes(ea["output"], eb["output"])  # the outputs themselves, where the declared shapes did not tell
-    deg = {**degradation(ea, eb), **(std_delta_uncertainty(*correct, ds.group_ids) or {})}
+    deg = {**degradation(ea, eb), **std_delta_uncertainty(*correct, ds.group_ids)}
     if json_out != "-":
         click.echo(format_comparison(ea, eb, deg, "A", "B"))
     speedup = latency_summary(ea["latency"], eb["latency"])["speedup"] if ea.get("latency") and eb.get("latency") else None
-    emit_json({"onnxfair_comparison": 1, "data": data, "groups_by": ds.attributes, "a": {"model": model_a, **ea},
-               "b": {"model": model_b, **eb}, "degradation": deg, "speedup": speedup}, json_out)
+    emit_json({"onnxfair_comparison": 1, "data": data, "groups_by": ds.attributes,
+               "a": {"model": model_a, "latency": None, **ea}, "b": {"model": model_b, "latency": None, **eb},
+               "degradation": deg, "speedup": speedup}, json_out)
 
 
 def _latency_batch_read(no_latency: bool, latency_batch: int) -> None:

@@ -130,7 +130,7 @@ RELABELLINGS = 200  # random regroupings for its noise floor
 
 
 def std_delta_uncertainty(dense_ok: np.ndarray, pruned_ok: np.ndarray, group_ids: np.ndarray,
-                          seed: int = 0) -> dict | None:
+                          seed: int = 0) -> dict:
     """How precisely the evaluated rows measure std_delta: its 90 % bootstrap interval (rows resampled
     within each group, group sizes kept), its noise floor, the median std_delta over random regroupings of
     the rows into groups of the same sizes, i.e. what sampling noise gives with no group effect at all, and
@@ -138,11 +138,12 @@ def std_delta_uncertainty(dense_ok: np.ndarray, pruned_ok: np.ndarray, group_ids
 
     A row's change is pruned_ok - dense_ok in {-1, 0, 1} and a group's delta is its mean, so a resampled
     group draws its counts of each change from a multinomial, and a regrouping from a multivariate
-    hypergeometric: no array of resampled rows is built. None with fewer than two groups."""
+    hypergeometric: no array of resampled rows is built. With fewer than two groups there is no std_delta
+    to resolve: the keys are there, null, so a report keeps one shape."""
     change = pruned_ok.astype(np.int64) - dense_ok.astype(np.int64)
     present = np.unique(group_ids)
     if len(present) < 2:
-        return None
+        return {"std_delta_interval": None, "std_delta_noise_floor": None, "std_delta_p_value": None}
     counts = np.array([[np.sum(change[group_ids == g] == v) for v in (-1, 0, 1)] for g in present])
     sizes = counts.sum(1)
     rng = np.random.default_rng(seed)

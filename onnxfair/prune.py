@@ -590,13 +590,14 @@ def _prune_model(model: onnx.ModelProto, calib: GroupedDataset | None, eval_ds: 
         report["evaluation"] = {"source": eval_source, "n": len(held), "groups_by": held.attributes}
         report["dense"], report["pruned"] = bd, bp
         report["degradation"] = {**degradation(bd, bp),
-                                 **(std_delta_uncertainty(*correct, held.group_ids, cfg.seed) or {})}
+                                 **std_delta_uncertainty(*correct, held.group_ids, cfg.seed)}
         _hint_on_a_large_drop(report["degradation"]["overall_delta"], cfg, dense, progress)
         if cfg.latency:
             report["latency"] = latency_summary(bd.pop("latency"), bp.pop("latency"))
     elif cfg.latency:
         with timer("latency"):
             report["latency"] = _latency_without_data(model, pruned, cfg)
+    report.setdefault("latency", None)  # null when not measured: the document keeps one shape
     report["timing"] = {k: round(v, 4) for k, v in timer.phases.items()}
     report["warnings"] = warnings
     from onnxfair.report import prune_markdown

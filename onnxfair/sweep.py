@@ -489,7 +489,7 @@ def load_finished(plan: SweepPlan, run: Run, key: dict) -> dict | None:
     kept = _model_path(plan, run.run_id, pending=False)
     if plan.keep_models and not _is_runs_model(kept, report):
         return None
-    if run.cfg.latency and "latency" not in report and _existing_model(plan, run.run_id, report) is None:
+    if run.cfg.latency and report.get("latency") is None and _existing_model(plan, run.run_id, report) is None:
         return None
     return report
 
@@ -677,7 +677,7 @@ def _stop_pool(pool) -> None:
 def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], model: onnx.ModelProto,
                  ds: GroupedDataset, progress: Callable[[str], None]) -> None:
     """Latency of every pruned model still untimed, sequentially in this process, interleaved with the dense one."""
-    need = [r for r in runs if r.cfg.latency and "latency" not in reports[r.run_id]]
+    need = [r for r in runs if r.cfg.latency and reports[r.run_id].get("latency") is None]
     if not need:
         return
     from onnxfair.prune import latency_summary

@@ -376,3 +376,38 @@ def test_a_time_major_model_whose_dims_are_named_apart_is_refused(tmp_path, comm
     r = CliRunner().invoke(app, args + (["-o", str(tmp_path / "p.onnx")] if command[0] == "prune" else []))
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert said in r.output.strip().splitlines()[-1]
+
+
+def _paths(doc, prefix=""):
+    """Every key path of a JSON document, down through objects (not into group tables, whose keys are data, nor
+    into values that are null when not measured)."""
+    out = set()
+    for k, v in doc.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and k not in ("groups", "classwise", "latency", "std_delta_interval"):
+            out |= _paths(v, prefix + k + ".")
+    return out
+
+
+def test_json_documents_keep_their_keys_with_no_latency_and_one_group(tiny_linear, tmp_path):
+    """A pipeline reads fixed keys: `latency` and std_delta's interval, noise floor and p-value were left out
+    (not null) with --no-latency or a single group."""
+    data = np.load(tiny_linear["data"])
+    one = tmp_path / "one.npz"
+    np.savez(one, **{k: data[k] for k in data.files if k != "race"}, race=np.array(["a"] * len(data["race"])))
+    for command in (["evaluate", tiny_linear["path"]], ["compare", tiny_linear["path"], tiny_linear["path"]]):
+        docs = {}
+        for groups_data in (tiny_linear["data"], one):
+            for latency in ([], ["--no-latency"]):
+                r = run(*command, "--data", groups_data, "--groups", "race", "--json", "-", *latency)
+                assert r.exit_code == 0, r.output
+                docs[groups_data, bool(latency)] = json.loads(r.stdout)
+        shapes = {k: _paths(d) for k, d in docs.items()}
+        every = set().union(*shapes.values())
+        assert {k: every - s for k, s in shapes.items()} == {k: set() for k in shapes}
+        without = docs[one, True]
+        lat = without["latency"] if command[0] == "evaluate" else without["a"]["latency"]
+        assert lat is None
+        if command[0] == "compare":
+            assert without["degradation"]["std_delta_p_value"] is None
+            assert docs[tiny_linear["data"], True]["degradation"]["std_delta_p_value"] is not None

@@ -926,6 +926,7 @@ def test_repruning_counts_the_zeros_in_the_written_weights(tmp_path):
         assert d["kept"] == int(np.count_nonzero(arrays[n]))
     assert rep["cost"]["params_nonzero_pruned"] == rep["cost"]["params_pruned"] - zeros
     assert "already had" in r.stderr
+    assert rep["latency"] is None  # --no-latency: null, not a missing key
     # zeros in a weight the run leaves alone count too (before: only the pruned layers' zeros were subtracted)
     kept_alone = next(iter(layers))
     r = run("prune", first, "--data", CAL, "--groups", "race", "--method", "magnitude", "--unstructured",

@@ -193,7 +193,9 @@ def test_std_delta_uncertainty_without_change_or_groups():
     g = np.arange(100) % 2
     none = std_delta_uncertainty(ok, ok, g)
     assert none["std_delta_interval"]["low"] == none["std_delta_interval"]["high"] == none["std_delta_noise_floor"] == 0
-    assert std_delta_uncertainty(ok, ~ok, np.zeros(100, np.int64)) is None
+    # one group: the keys stay, null (they were missing, so a report changed shape with the data)
+    assert std_delta_uncertainty(ok, ~ok, np.zeros(100, np.int64)) == {
+        "std_delta_interval": None, "std_delta_noise_floor": None, "std_delta_p_value": None}
 
 
 def test_a_one_row_group_does_not_decide_the_verdict():
