@@ -71,6 +71,11 @@ class PruneConfig:
     latency_batch: int = 1
     sparse_storage: bool = False
 
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether the run backpropagates through the interpreter: to score, to learn masks, or to fine-tune."""
+        return self.method in GRADIENT_METHODS or self.method == "bilevel" or bool(self.finetune_epochs or self.step_epochs)
+
     def validate(self, has_data: bool) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")

@@ -24,6 +24,21 @@ def build_module(model: onnx.ModelProto, device: str):
     return OnnxModule(logit_view(model)).to(torch_device(device))
 
 
+def check_gradients(model: onnx.ModelProto, ds: GroupedDataset, device: str) -> None:
+    """Backpropagate a three-row batch of `ds` through the interpreter of `model`: what stops every gradient
+    run (an ArgMax head, a graph whose shapes pin the batch size, an op torch cannot differentiate) is refused
+    here in one line, before a sweep's first run rather than in the middle of its grid."""
+    from onnxfair.finetune import batch_losses
+
+    mod = build_module(model, device)
+    for p in mod.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    with torch.enable_grad():
+        per_row, _logits, _g = batch_losses(mod, ds, np.arange(min(3, len(ds))), torch_device(device))
+        per_row.sum().backward()
+
+
 def _keep_fraction_schedule(cfg) -> list[dict[str, float]]:
     """Budgets per step: sparsity after step t is min(1 - keep^t, target); a MACs target is reached geometrically."""
     from onnxfair.select import sparsity_schedule

@@ -278,18 +278,22 @@ def foreign_models(plan: SweepPlan, result: SweepResult) -> list[Path]:
     return sorted(p for p in folder.glob("*.onnx") if p not in ours) if folder.is_dir() else []
 
 
-def _check_prunable(plan: SweepPlan, model: onnx.ModelProto, calib: GroupedDataset, eval_ds: GroupedDataset | None,
-                    cache: DenseCache) -> None:
-    """Refuse a grid whose runs would all stop on the same 'nothing prunable'; the analysis is kept in
-    `cache` for the runs of this process, under the key prune uses."""
+def _check_prunable(plan: SweepPlan, runs: Sequence[Run], model: onnx.ModelProto, calib: GroupedDataset,
+                    eval_ds: GroupedDataset | None, cache: DenseCache) -> None:
+    """Refuse a grid whose runs would all stop on the same 'nothing prunable', or whose gradient runs would
+    all stop on a model the interpreter cannot backpropagate through; the analysis is kept in `cache` for the
+    runs of this process, under the key prune uses."""
     from onnxfair.graph import analyze
+    from onnxfair.pruning_steps import check_gradients
 
     shapes = shapes_from_rows(model, plan.base.input_shapes, [calib, eval_ds])
     cfg = dataclasses.replace(plan.base, input_shapes=shapes)
     cache.bind(model, calib, eval_ds)
     key = ("analysis", shapes_key(shapes), tuple(cfg.ignore))
-    prunable_units(model, cfg, lambda: cache.get(key, lambda: analyze(model, input_shapes=shapes or None,
-                                                                      ignore=cfg.ignore)))
+    _an, dense, _units = prunable_units(model, cfg, lambda: cache.get(key, lambda: analyze(
+        model, input_shapes=shapes or None, ignore=cfg.ignore)))
+    if any(r.cfg.uses_gradients for r in runs):
+        check_gradients(dense, calib, cfg.device)
 
 
 LOCK_FILE = ".sweep.lock"
@@ -541,7 +545,7 @@ def run_sweep(
     out = Path(plan.out)
     check_out(plan, runs)
     cache = DenseCache()
-    _check_prunable(plan, model, calib, eval_ds, cache)  # before any folder is made or run announced
+    _check_prunable(plan, runs, model, calib, eval_ds, cache)  # before any folder is made or run announced
     prepare_out(plan)
     fingerprint = inputs_fingerprint(plan, calib, eval_ds)
     keys = {r.run_id: run_key(r.cfg, fingerprint) for r in runs}

@@ -507,6 +507,45 @@ def test_unusable_out_is_one_line_exit_2_before_any_run(mlp, tmp_path, counting,
     assert counting.calls == []  # refused before the first run, not after all of them
 
 
+def _argmax_head(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.node.append(helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["N"]))
+    return m
+
+
+def _pinned_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The MLP behind a Reshape whose constant [1, 6] pins the batch to one row."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, 6], np.int64), "pin"))
+    m.graph.node.insert(0, helper.make_node("Reshape", ["x", "pin"], ["xr"]))
+    m.graph.node[1].input[0] = "xr"
+    return m
+
+
+@pytest.mark.parametrize("case", ["argmax head", "pinned batch"])
+def test_a_model_no_gradient_run_can_use_is_refused_before_the_first_run(mlp, tmp_path, case):
+    """Before: the magnitude runs of the grid ran, then the first taylor run stopped the sweep with the error."""
+    model = (_argmax_head if case == "argmax head" else _pinned_batch)(mlp["model"])
+    onnx.save(model, tmp_path / "m.onnx")
+    out = tmp_path / "sw"
+    args = ["sweep", tmp_path / "m.onnx", "--data", mlp["calib"], "--eval-data", mlp["eval"], "--groups", "race",
+            "--sparsities", "0.3", "--jobs", "1", "--no-plots", "--no-latency", "--round-to", "1", "--out", out]
+    r = run(*args, "--methods", "magnitude,taylor")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    said = {"argmax head": "the model's first output holds int64 values (class indices, say), not class scores",
+            "pinned batch": "a shape in the graph hard-codes the batch size"}[case]
+    assert said in r.stderr
+    assert not out.exists()  # nothing ran, nothing was written
+    if case == "pinned batch":  # magnitude alone needs no gradient: the check is not run for it
+        r = run(*args, "--methods", "magnitude")
+        assert r.exit_code == 0, r.output
+
+
 def test_a_read_only_runs_folder_is_refused_before_any_run(mlp, tmp_path, counting, monkeypatch):
     """Found only when the first run's report could not be written, before."""
     out = tmp_path / "sw"
