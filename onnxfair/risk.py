@@ -222,7 +222,8 @@ def _rademacher(like: Sequence[torch.Tensor], seed: int, k: int) -> list[torch.T
     Drawn on the CPU from a generator seeded by (seed, k) alone, so the vectors are the same on every
     device, for every group and every batch.
     """
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(k)) % (2**63 - 1))
+    # (seed, k) hashed into one 63-bit seed: a modulo folded seed 2**63-1 onto seed 0
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1, np.uint64)[0] >> 1))
     return [(torch.randint(0, 2, tuple(t.shape), generator=gen, dtype=torch.int8) * 2 - 1).to(device=t.device, dtype=t.dtype)
             for t in like]
 

@@ -106,6 +106,15 @@ def test_gradient_norm_and_exact_quadratic_form(softmax_case):
     assert rep["settings"]["removed_weights"] == int((mask_w == 0).sum()) + 1
 
 
+def test_every_seed_draws_its_own_vectors():
+    """A modulo by 2**63-1 made seed 2**63-1 draw seed 0's vectors."""
+    from onnxfair.settings import MAX_SEED
+
+    draws = {s: tuple(_rademacher([torch.zeros(64)], s, 0)[0].tolist()) for s in (0, 1, MAX_SEED, MAX_SEED - 1)}
+    assert len(set(draws.values())) == 4
+    assert tuple(_rademacher([torch.zeros(64)], MAX_SEED, 0)[0].tolist()) == draws[MAX_SEED]  # and seeded
+
+
 def test_hutchinson_uses_seeded_vectors_and_converges_to_trace(softmax_case):
     case = softmax_case
     k = 300
