@@ -459,7 +459,8 @@ def _execute(run: Run, key: dict) -> tuple[str, dict, float]:
     import torch
 
     report["sweep"] = {"run_id": run.run_id, "key": key, "latency": "pending" if run.cfg.latency else "off",
-                       "threads": {"torch": torch.get_num_threads(), "onnxruntime": cfg.threads or "default"},
+                       # an integer either way: 0 is onnxruntime's own default, as --threads 0 means
+                       "threads": {"torch": torch.get_num_threads(), "onnxruntime": cfg.threads},
                        "model_sha256": written}
     write_json_atomic(report, _run_path(plan, run.run_id))
     return run.run_id, report, time.perf_counter() - t0
@@ -892,6 +893,8 @@ def sweep_summary(plan: SweepPlan, result: SweepResult, disparity: str, max_disp
             "evaluation": first.get("evaluation"),
             "methods": list(plan.methods), "sparsities": list(plan.sparsities), "seeds": list(plan.seeds),
             "prune": base, "jobs": plan.jobs, "keep_models": plan.keep_models,
+            # what ran: --jobs caps the pool at the runs to compute (none when every run was reused)
+            "processes": min(plan.jobs, len(result.computed)),
             "latency": ("measured sequentially in the sweep process after all runs, dense and pruned interleaved"
                         if plan.base.latency else "off"),
             "versions": first.get("method", {}).get("versions"),

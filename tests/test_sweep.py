@@ -259,6 +259,8 @@ def test_sweep_writes_rows_from_run_reports_and_resumes(mlp, tmp_path, counting)
         assert row["macs_ratio"] == rep["cost"]["macs_ratio"]
         assert row["latency_ms"] is not None and row["latency_ms"] == rep["latency"]["pruned"]["median_ms"]
         assert rep["sweep"]["run_id"] == row["run_id"] and rep["method"]["latency"] is True
+        assert rep["sweep"]["threads"]["onnxruntime"] == 0  # its default, an integer as a pool's 1 is (was "default")
+    assert doc["settings"]["jobs"] == 1 and doc["settings"]["processes"] == 1
     assert read_rows_csv(out / "results.csv") == doc["rows"]
     assert list(doc["rows"][0]) == list(ROW_FIELDS)
     assert sum(row["recommended"] for row in doc["rows"]) == 1
@@ -271,6 +273,7 @@ def test_sweep_writes_rows_from_run_reports_and_resumes(mlp, tmp_path, counting)
     assert r.exit_code == 0 and len(counting.calls) == 4
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == mtimes
     assert json.loads((out / "results.json").read_text())["rows"] == doc["rows"]
+    assert json.loads((out / "results.json").read_text())["settings"]["processes"] == 0  # nothing ran
 
     # one run missing and one cut in half (an interrupted non-atomic writer): exactly those two are redone
     (out / "runs" / "taylor-s0.30-seed0.json").unlink()
