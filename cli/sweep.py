@@ -72,6 +72,8 @@ def sweep(model: str, data: str | None, eval_data: str | None, methods: str, spa
     """
     if not out.strip():  # Path("") is the working folder: the sweep would fill it
         raise UsageError("--out is empty; give a folder path")
+    if json_out is not None and not json_out.strip():  # before it is compared with --out
+        raise UsageError("--json is empty; give a file path")
     json_out = _json_beside_results(json_out, out)
     check_outputs({"model": model, "--data": data, "--eval-data": eval_data}, {"--json": json_out})
     data_kw = {k: kw.pop(k) for k in ("groups", "label", "features", "image_size", "mean", "std", "layout")}

@@ -63,6 +63,7 @@ Binarisation (onnxfair.select, the selection every method uses)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, Sequence
 
@@ -226,23 +227,31 @@ def magnitude_prior(magnitude: Scores, units: Sequence[ChannelGroup] | Sequence[
     return [torch.from_numpy(np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), floor)) for r in ratios]
 
 
-def _topk_weight_masks(scores: Sequence[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
-    """A step's hard weight masks: the ranking select_weights uses, without its tie rules (a torch top-k)."""
-    def keep_count(n: int) -> int:
-        return n - int(round(sparsity * n))
+def _topk_weight_masks(scores: Sequence[torch.Tensor], sparsity: float, scope: str,
+                       alive: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
+    """A step's hard weight masks: the ranking select_weights uses, without its tie rules (a torch top-k).
+    `alive` (per layer, bool) marks the weights still there: the others are never kept, as in select_weights,
+    so the steps train under the mask the run can write."""
+    if alive is not None:
+        scores = [s.masked_fill(~torch.from_numpy(np.asarray(a, bool)).reshape(s.shape), -math.inf)
+                  for s, a in zip(scores, alive)]
+    n_alive = [int(torch.isfinite(s).sum()) if alive is not None else s.numel() for s in scores]
+
+    def keep_count(n: int, live: int) -> int:
+        return min(n - int(round(sparsity * n)), live)
 
     if scope == "layer":
         out = []
-        for s in scores:
+        for s, live in zip(scores, n_alive):
             m = torch.zeros(s.numel(), dtype=torch.float32)
-            k = keep_count(s.numel())
+            k = keep_count(s.numel(), live)
             if k > 0:
                 m[torch.topk(s.reshape(-1), k, sorted=False).indices] = 1.0
             out.append(m.reshape(s.shape))
         return out
     flat = torch.cat([s.reshape(-1) for s in scores])
     keep = torch.zeros(flat.numel(), dtype=torch.float32)
-    k = keep_count(flat.numel())
+    k = keep_count(flat.numel(), sum(n_alive))
     if k > 0:  # exactly k, ties included: a threshold would keep every unit tied at the cut
         keep[torch.topk(flat, k, sorted=False).indices] = 1.0
     return [m.reshape(s.shape) for m, s in zip(torch.split(keep, [s.numel() for s in scores]), scores)]
@@ -374,7 +383,8 @@ def bilevel_prune(
         if final:
             chosen = select_weights(learned(step_scores), sparsity, scope=scope, normalise=False)
         else:
-            chosen = {n: m.numpy() for n, m in zip(units, _topk_weight_masks(step_scores, sparsity, scope))}
+            chosen = {n: m.numpy() for n, m in zip(units, _topk_weight_masks(step_scores, sparsity, scope,
+                                                                             [prior.weight_alive[n] for n in units]))}
         return chosen, {n: torch.as_tensor(m, dtype=torch.float32, device=device) for n, m in chosen.items()}
 
     _, first_masks = hard_masks(scores)

@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from onnxfair.data import GroupedDataset
+from onnxfair.errors import ModelError
 from onnxfair.interpret.device import torch_device
 
 
@@ -24,19 +25,25 @@ def build_module(model: onnx.ModelProto, device: str):
     return OnnxModule(logit_view(model)).to(torch_device(device))
 
 
-def check_gradients(model: onnx.ModelProto, ds: GroupedDataset, device: str) -> None:
-    """Backpropagate a three-row batch of `ds` through the interpreter of `model`: what stops every gradient
-    run (an ArgMax head, a graph whose shapes pin the batch size, an op torch cannot differentiate) is refused
-    here in one line, before a sweep's first run rather than in the middle of its grid."""
+def check_gradients(model: onnx.ModelProto, ds: GroupedDataset, device: str, batch_size: int) -> None:
+    """Backpropagate a batch of `ds` (three rows, fewer with a smaller --batch-size) through the interpreter of
+    `model`: what stops every gradient run (an ArgMax head, a graph whose shapes pin the batch size, an op
+    torch cannot differentiate) is refused here in one line, before a sweep's first run rather than in the
+    middle of its grid."""
     from onnxfair.finetune import batch_losses
+    from onnxfair.interpret.module import one_line
 
     mod = build_module(model, device)
     for p in mod.parameters():
         if p.is_floating_point():
             p.requires_grad_(True)
     with torch.enable_grad():
-        per_row, _logits, _g = batch_losses(mod, ds, np.arange(min(3, len(ds))), torch_device(device))
-        per_row.sum().backward()
+        per_row, _logits, _g = batch_losses(mod, ds, np.arange(min(3, batch_size, len(ds))), torch_device(device))
+        try:
+            per_row.sum().backward()
+        except RuntimeError as exc:
+            raise ModelError(f"the interpreter cannot backpropagate through the model ({one_line(exc)}); "
+                             "prune it with --method magnitude and no fine-tuning, which need no gradients") from None
 
 
 def _keep_fraction_schedule(cfg) -> list[dict[str, float]]:

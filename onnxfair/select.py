@@ -3,8 +3,8 @@
 Budgets
 -------
 ``sparsity F``     the fraction of prunable units removed: weights (unstructured) or channels (structured).
-                   Units already removed by earlier masks, and weights already exactly zero in the model
-                   (see ``live_weights``), count as removed and stay removed (nested masks).
+                   Units already removed by earlier masks, and (unstructured) weights already exactly zero in
+                   the model (see ``live_weights``), count as removed and stay removed (nested masks).
 ``target_macs F``  structured only: the fraction of the dense model's MACs kept. Each channel of a group
                    is charged ``group.macs / group.size`` (a linear estimate); with ``macs_fn`` (the real
                    cost of a keep-set, e.g. ``model_cost(prune_channels(an, keep)).macs``) the selection

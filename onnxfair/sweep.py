@@ -293,7 +293,7 @@ def _check_prunable(plan: SweepPlan, runs: Sequence[Run], model: onnx.ModelProto
     _an, dense, _units = prunable_units(model, cfg, lambda: cache.get(key, lambda: analyze(
         model, input_shapes=shapes or None, ignore=cfg.ignore)))
     if any(r.cfg.uses_gradients for r in runs):
-        check_gradients(dense, calib, cfg.device)
+        check_gradients(dense, calib, cfg.device, cfg.batch_size)
 
 
 LOCK_FILE = ".sweep.lock"
@@ -302,38 +302,58 @@ LOCK_FILE = ".sweep.lock"
 @contextlib.contextmanager
 def out_lock(out: str | Path):
     """Hold --out for one sweep at a time: two sweeps into one folder would remove and rewrite each other's
-    files mid-run. A second one is refused (UsageError), not queued. The lock file stays (removing it would
-    let a third sweep lock a new file while a waiting one holds the old); a folder made only for the lock is
-    removed again when nothing else was written in it."""
+    files mid-run. A second one is refused (UsageError), not queued. The lock file stays, except in a folder
+    made only for it and left empty (removed again, so a refused or failed sweep leaves nothing); a sweep
+    that locked a file since removed checks the path still names it, so two can never both hold --out.
+    Where the file system has no locks (or on Windows), sweeps are not serialised."""
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): sweeps are not serialised there
+    except ImportError:
         yield
         return
     out = Path(out)
+    path = out / LOCK_FILE
     made = [d for d in [out, *out.parents] if not d.exists()]  # the folders mkdir creates, deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except PermissionError:  # another user's lock file in a shared folder: a read-only descriptor locks too
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise UsageError(f"cannot create {out / LOCK_FILE}: {exc.strerror or exc}; choose another --out") from None
+        raise UsageError(f"cannot create {path}: {exc.strerror or exc}; choose another --out") from None
     try:
+        held: bool | None = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
+            held = False
+        except OSError:  # ENOLCK, EOPNOTSUPP: this file system cannot lock
+            held = None
+        if held is None:
+            yield
+            return
+        if held:
+            try:
+                held = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:  # removed by the sweep that held it: another may have locked a new one
+                held = False
+        if not held:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise UsageError(f"another onnxfair sweep{f' (process {holder})' if holder else ''} is writing to --out "
-                             f"{out}; wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            raise UsageError(f"another onnxfair sweep{f' (process {holder})' if holder.isdigit() else ''} is writing "
+                             f"to --out {out}; wait for it to finish or choose another --out")
+        with contextlib.suppress(OSError):  # the holder's process id, for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
             yield
         finally:
-            if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
-                (out / LOCK_FILE).unlink()
-                for d in made:
-                    with contextlib.suppress(OSError):  # one another process wrote in stays
-                        d.rmdir()
+            with contextlib.suppress(OSError):  # --out removed meanwhile: nothing to tidy
+                if made and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                    path.unlink()
+                    for d in made:
+                        with contextlib.suppress(OSError):  # one another process wrote in stays
+                            d.rmdir()
     finally:
         os.close(fd)
 

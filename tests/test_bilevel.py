@@ -414,11 +414,11 @@ def test_a_removed_weight_keeps_its_value_while_removed(three_layer, monkeypatch
         state["stored"] = params[:3]  # W1, W2, W3's stored values, in the units' order
         return real_adam(params, lr)
 
-    def spy_topk(scores, sparsity, scope):  # called at the start of every step but the first
+    def spy_topk(scores, sparsity, scope, alive=None):  # called at the start of every step but the first
         if state.get("before"):
             for t, before, m in zip(state["stored"], state["before"], state["mask"]):
                 state["moved"].append(int(((t != before) & (m == 0)).sum()))
-        out = real_topk(scores, sparsity, scope)
+        out = real_topk(scores, sparsity, scope, alive)
         state["before"] = [t.detach().clone() for t in state.get("stored", [])]
         state["mask"] = out
         return out
@@ -492,6 +492,21 @@ def test_step_weight_masks_keep_exactly_the_budget_when_scores_tie():
         masks = _topk_weight_masks(scores, 0.3, scope)
         assert int(sum(m.sum() for m in masks)) == kept
     assert _topk_weight_masks(scores, 0.3, "global")[1].sum() == 6  # the higher scores first
+
+
+def test_step_weight_masks_never_keep_a_weight_the_model_already_had_at_zero():
+    """The steps trained old zeros the final selection then dropped: they must train under the writable mask."""
+    from onnxfair.bilevel import _topk_weight_masks
+
+    scores = [torch.arange(10, dtype=torch.float64), torch.arange(6, dtype=torch.float64)]
+    alive = [np.arange(10) < 3, np.arange(6) % 2 == 0]  # the highest scores are the dead ones
+    for scope in ("global", "layer"):
+        masks = _topk_weight_masks(scores, 0.3, scope, alive)
+        for m, a in zip(masks, alive):
+            assert not m.numpy()[~a].any()
+        assert int(sum(m.sum() for m in masks)) == 6  # every live weight: fewer than the budget keeps
+    masks = _topk_weight_masks(scores, 0.9, "global", alive)
+    assert int(sum(m.sum() for m in masks)) == 2 and masks[0][2] == 1 and masks[1][4] == 1  # the best live ones
 
 
 def test_target_macs_steps_train_at_the_written_channel_count(three_layer, monkeypatch):

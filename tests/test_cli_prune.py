@@ -1234,6 +1234,34 @@ def test_the_degradation_says_how_precisely_the_rows_measure_std_delta(tmp_path)
     assert deg["std_delta_p_value"] == want["std_delta_p_value"]
 
 
+def test_bilevel_keeps_a_sparse_models_zeros_when_they_exceed_the_budget(tmp_path):
+    """0.8 of the weights already zero, --sparsity 0.5: nothing new goes, and no old zero comes back. Before,
+    the steps kept some old zeros, trained them, and the written model had them non-zero again."""
+    first, _ = _prune(tmp_path, "u80", "--method", "magnitude", "--unstructured", "--sparsity", "0.8")
+    before = initializer_arrays(onnx.load(first))
+    out = tmp_path / "again.onnx"
+    r = run("prune", first, "--data", CAL, "--groups", "race", "--method", "bilevel", "--unstructured",
+            "--sparsity", "0.5", "--bilevel-steps", "30", "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    after = initializer_arrays(onnx.load(out))
+    for d in json.loads(r.stdout)["structure"]["layers"]:
+        n = d["name"]
+        assert not after[n][before[n] == 0].any()
+        assert np.count_nonzero(after[n]) == np.count_nonzero(before[n])  # and every live weight stays
+
+
+def test_structured_repruning_of_a_model_whose_layer_is_all_zeros(tmp_path):
+    """Zeros count as removed for weights only: a channel group whose consumer weights were all zero had no
+    channel left to keep, and structured pruning refused the model."""
+    first, _ = _prune(tmp_path, "u99", "--method", "magnitude", "--unstructured", "--sparsity", "0.99")
+    assert any(not np.count_nonzero(a) for n, a in initializer_arrays(onnx.load(first)).items() if a.ndim == 2)
+    out = tmp_path / "s30.onnx"
+    r = run("prune", first, "--data", CAL, "--groups", "race", "--method", "taylor", "--sparsity", "0.3",
+            "-o", out, "--json", "-", "--no-latency")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["structure"]["channels"]["removed"] > 0
+
+
 @pytest.mark.parametrize("method", ["taylor", "fairgrape", "conflict", "bilevel"])
 def test_repruning_a_sparse_model_removes_no_more_than_asked(tmp_path, method):
     """Zeros already in the model count as removed: the new budget must not keep them and zero live weights
@@ -1266,6 +1294,7 @@ def test_an_empty_output_path_is_refused(tmp_path, monkeypatch):
     assert _error([*base, "-o", out, "--json", ""]) == "error: --json is empty; give a file path"
     assert _error(["evaluate", MLP, "--data", EVAL, "--groups", "race", "--json", ""]) == \
         "error: --json is empty; give a file path"
-    assert _error(["sweep", MLP, "--data", CAL, "--groups", "race", "--methods", "magnitude", "--sparsities", "0.5",
-                   "--out", ""]) == "error: --out is empty; give a folder path"
+    sweep = ["sweep", MLP, "--data", CAL, "--groups", "race", "--methods", "magnitude", "--sparsities", "0.5"]
+    assert _error([*sweep, "--out", ""]) == "error: --out is empty; give a folder path"
+    assert _error([*sweep, "--out", "sw", "--json", ""]) == "error: --json is empty; give a file path"
     assert list(tmp_path.iterdir()) == []

@@ -547,6 +547,9 @@ def test_a_model_no_gradient_run_can_use_is_refused_before_the_first_run(mlp, tm
     if case == "pinned batch":  # magnitude alone needs no gradient: the check is not run for it
         r = run(*args, "--methods", "magnitude")
         assert r.exit_code == 0, r.output
+        # batches of its one row: prune accepts that, and so does the check (it probed three rows regardless)
+        r = run(*args[:-1], tmp_path / "sw1", "--methods", "taylor", "--batch-size", "1")
+        assert r.exit_code == 0, r.output
 
 
 def test_a_read_only_runs_folder_is_refused_before_any_run(mlp, tmp_path, counting, monkeypatch):
@@ -588,6 +591,29 @@ def test_a_folder_made_for_the_lock_goes_when_the_sweep_writes_nothing(tmp_path)
     with sweep_mod.out_lock(out):
         pass
     assert out.is_dir()  # a folder that was there stays
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_not_held(tmp_path, monkeypatch):
+    """The sweep that held a folder made for it removes the lock file; one that had opened it just before locks
+    the removed file, while a third locks a new one: both would run. The path must still name what was locked."""
+    out = tmp_path / "sw"
+    out.mkdir()
+    real_open = os.open
+
+    def open_then_lose(path, *a, **k):
+        fd = real_open(path, *a, **k)
+        os.unlink(path)  # the holder tidies up between this sweep's open and its flock
+        return fd
+
+    monkeypatch.setattr(sweep_mod.os, "open", open_then_lose)
+    with pytest.raises(UsageError, match=f"is writing to --out {out}; wait for it"):
+        with sweep_mod.out_lock(out):
+            pass
+    monkeypatch.setattr(sweep_mod.os, "open", real_open)
+    with sweep_mod.out_lock(out):
+        with pytest.raises(UsageError, match="another onnxfair sweep"):  # and one at a time otherwise
+            with sweep_mod.out_lock(out):
+                pass
 
 
 def test_plots_of_an_earlier_sweep_are_removed(mlp, tmp_path, counting):

@@ -52,16 +52,19 @@ def _numpy(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def live_weights(params: Mapping[str, Any], names: Iterable[str], masks: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """name -> bool, False where a weight is masked or already exactly zero.
+def live_weights(params: Mapping[str, Any], names: Iterable[str], masks: Mapping[str, Any] | None = None,
+                 zeros_removed: bool = True) -> dict[str, np.ndarray]:
+    """name -> bool, False where a weight is masked or (`zeros_removed`) already exactly zero.
 
-    Zeros already in the model count as removed: re-pruning a sparse model must not spend its budget
-    keeping them while live weights of equal (zero) score go, which would zero more than asked.
+    Unstructured, zeros already in the model count as removed: re-pruning a sparse model must not spend its
+    budget keeping them while live weights of equal (zero) score go, which would zero more than asked.
+    Structured pruning passes False: a channel is removed by the masks alone (its zero weights do not remove
+    it; a group whose consumer weights are all zero would otherwise have no channel left to keep).
     """
     alive = {}
     for n in names:
         m = masks.get(n) if masks else None
-        live = _numpy(params[n]) != 0
+        live = _numpy(params[n]) != 0 if zeros_removed else np.ones(tuple(params[n].shape), dtype=bool)
         alive[n] = live if m is None else live & (_numpy(m) != 0)
     return alive
 
@@ -94,8 +97,8 @@ def compute_scores(
                 every parameter of two or more dimensions). Structured: which initializers count as
                 weights inside a group (default: see `criteria.weight_members`).
     masks       the masks to score under (None: the dense model). They are set on `mod` with
-                `set_masks` and stay set; masked weights, and weights already exactly zero, score 0 and
-                are marked not alive.
+                `set_masks` and stay set; masked weights, and (unstructured) weights already exactly zero,
+                score 0 and are marked not alive.
     loss        "ce" or "pw"; pw needs `dense_probs` from the dense model (computed here, with the masks
                 cleared, when not given — pass them in iterative runs so they stay the dense model's)
     device      None keeps `mod` where it is, else it is moved ("auto", "cpu", "cuda")
@@ -135,7 +138,7 @@ def compute_scores(
     if not names:
         raise UsageError("nothing to score: no prunable weights")
 
-    alive = live_weights(params, names, masks)
+    alive = live_weights(params, names, masks, zeros_removed=not structured)
 
     info: dict[str, Any] = {"criterion": criterion}
     labels: list[str] = []
