@@ -42,9 +42,9 @@ Bi-level approximation (first order)
     with the dense weights kept and a warning.
 
 Binarisation (onnxfair.select, the selection every method uses)
-    The final scores become a :class:`onnxfair.importance.Scores` (criterion "bilevel"; weights the input model already had at zero count as removed)
-    and go through :func:`onnxfair.select.select_channels` (structured) or
-    :func:`onnxfair.select.select_weights` (unstructured) with the run's budget, scope and round_to, so
+    The final scores become a :class:`onnxfair.importance.Scores` (criterion "bilevel"; weights the input
+    model already had at zero count as removed, as in the steps' masks) and go through
+    :func:`onnxfair.select.select_channels` (structured) or :func:`onnxfair.select.select_weights` (unstructured) with the run's budget, scope and round_to, so
     counts, rounding, Split/Slice parts and ties are exactly the other methods'. The steps' hard masks
     come from the same functions (channels) or from the same ranking without tie rules (weights, a torch
     top-k: exact selection 200 times over 10^5-10^7 weights would dominate the run).

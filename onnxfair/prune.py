@@ -74,7 +74,7 @@ class PruneConfig:
     @property
     def uses_gradients(self) -> bool:
         """Whether the run backpropagates through the interpreter: to score, to learn masks, or to fine-tune."""
-        return self.method in GRADIENT_METHODS or self.method == "bilevel" or bool(self.finetune_epochs or self.step_epochs)
+        return self.method != "magnitude" or bool(self.finetune_epochs or self.step_epochs)
 
     def validate(self, has_data: bool) -> None:
         if self.method not in METHODS:
