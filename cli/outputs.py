@@ -53,6 +53,20 @@ def _with_external_data(inputs: dict[str, str | None]) -> dict[str, str | None]:
     return out
 
 
+def _refuse_manifest_images(inputs: dict[str, str | None], named: list[tuple[str, Path]]) -> None:
+    """An output onto an image a data manifest lists would overwrite the data set itself."""
+    from onnxfair.data import manifest_images
+
+    for name, source in inputs.items():
+        if not source or not name.startswith("--"):
+            continue
+        images = {f.resolve() for f in manifest_images(source)}
+        for option, target in named:
+            if target.resolve() in images:
+                raise UsageError(f"{option} {target} is an image listed in the input {name} {source}; refusing to "
+                                 "overwrite it, choose another path")
+
+
 def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
     """Refuse, before anything is computed, outputs that would overwrite an input (model or data), collide with
     each other, name a folder, or go to a folder that is missing or not writable. The Markdown twin of
@@ -84,6 +98,7 @@ def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None])
                 raise UsageError(f"--report {path} would replace {md}, which is not an onnxfair report; "
                                  "move that file or choose another --report path")
     inputs = _with_external_data(inputs)
+    _refuse_manifest_images(inputs, named)
     for option, target in named:
         for name, source in inputs.items():
             if source and _same(target, Path(source)):

@@ -335,6 +335,20 @@ def data_format(path: str | Path, features: Sequence[str] | None = None, path_co
     return "manifest" if path_column in columns and features is None else "table"
 
 
+def manifest_images(path: str | Path, path_column: str = "path") -> list[Path]:
+    """The image files an image manifest lists (as load_dataset resolves them); [] for anything else, or a
+    file it cannot read (load_dataset reports that)."""
+    p = Path(path)
+    if data_format(p, None, path_column) != "manifest":
+        return []
+    try:
+        table, _ = _read_table(p)
+        rels = [str(r) for r in table[path_column].dropna()]
+    except (DataError, KeyError):
+        return []
+    return [(p.parent / r) if not Path(r).is_absolute() else Path(r) for r in rels]
+
+
 def load_datasets(
     paths: Sequence[str | Path | None],
     model: onnx.ModelProto,

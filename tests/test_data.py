@@ -426,3 +426,28 @@ def test_options_the_data_format_would_not_read_are_refused(tiny_linear, tmp_pat
     df.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(UsageError, match=r"is read as a table \(it has no 'path' column\); drop them"):
         load_dataset(tmp_path / "t.csv", m, "race", image=ImageOptions(size=(8, 8)))
+
+
+def test_no_output_may_overwrite_an_image_the_manifest_lists(tmp_path):
+    """Before: --json imgs/0.png replaced the image with JSON (exit 0) and the data set was broken."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import FIXTURES
+
+    MLP = FIXTURES / "adult_mlp.onnx"  # any model: the refusal comes before it is read
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "imgs" / "0.png")
+    pd.DataFrame([{"path": "imgs/0.png", "label": 0, "tone": "a"}]).to_csv(tmp_path / "m.csv", index=False)
+    before = (tmp_path / "imgs" / "0.png").read_bytes()
+    for args in (["evaluate", MLP, "--data", tmp_path / "m.csv", "--groups", "tone", "--json", tmp_path / "imgs/0.png"],
+                 ["prune", MLP, "--data", tmp_path / "m.csv", "--groups", "tone", "--sparsity", "0.5",
+                  "-o", tmp_path / "x.onnx", "--report", tmp_path / "imgs" / ".." / "imgs" / "0.png"]):
+        r = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().endswith(f"is an image listed in the input --data {tmp_path / 'm.csv'}; refusing to "
+                                         "overwrite it, choose another path"), r.stderr
+    assert (tmp_path / "imgs" / "0.png").read_bytes() == before
