@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,8 @@ def _encode_groups(columns: dict[str, np.ndarray], attributes: Sequence[str]) ->
 
 
 def _value_text(v: object) -> str:
-    if isinstance(v, bytes):
-        v = v.decode()
+    if isinstance(v, bytes):  # not UTF-8: its bytes stay distinct, as \x.. escapes
+        v = v.decode("utf-8", errors="backslashreplace")
     if isinstance(v, (float, np.floating)) and float(v).is_integer():
         return str(int(v))
     return str(v).strip()
@@ -104,8 +105,10 @@ def _value_text(v: object) -> str:
 
 def _missing(values: np.ndarray) -> np.ndarray:
     """Rows whose group value is absent (NaN, None, empty or blank text), which would otherwise form a group."""
-    if values.dtype.kind == "f":
+    if values.dtype.kind in "fc":
         return np.isnan(values)
+    if values.dtype.kind in "Mm":  # datetimes and durations: NaT
+        return np.isnat(values)
     if values.dtype.kind in "US":
         return np.char.strip(values) == ("" if values.dtype.kind == "U" else b"")
     if values.dtype.kind == "O":  # only tables give object arrays, so pandas is there
@@ -429,6 +432,10 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
     return inputs, _labels(arrays[label], label), {a: arrays[a] for a in attributes}
 
 
+class _DuplicateColumns(Exception):
+    pass
+
+
 def _read_table(p: Path, group_columns: Sequence[str] = ()) -> tuple:
     """The table, and a csv's group columns read again as text: `01` and `1`, or `1.0` and `1`, are different
     groups (codes), never merged by parsing them as numbers, while the same column named as the label or a
@@ -442,6 +449,12 @@ def _read_table(p: Path, group_columns: Sequence[str] = ()) -> tuple:
             return pd.read_parquet(p), {}
         # only an empty cell is missing: "NA" or "None" can be real group values (pandas' default reads them as NaN)
         table = pd.read_csv(p, keep_default_na=False, na_values=[""])
+        with open(p, newline="", encoding="utf-8", errors="replace") as f:
+            raw = next(csv.reader(f), [])
+        twice = sorted({c for c in raw if raw.count(c) > 1})
+        if twice:  # pandas renames the second `label` to `label.1`, which would then be read as a feature
+            raise _DuplicateColumns(f"{p.name} names the column {twice[0]!r} twice in its header; rename or drop one "
+                                    "of them")
         present = [a for a in group_columns if a in table.columns]
         if not present:
             return table, {}
@@ -449,6 +462,8 @@ def _read_table(p: Path, group_columns: Sequence[str] = ()) -> tuple:
         return table, {a: text[a].to_numpy() for a in present}
     except ImportError:
         raise DataError("reading parquet needs pyarrow; pip install 'onnxfair[parquet]'") from None
+    except _DuplicateColumns as exc:
+        raise DataError(str(exc)) from None
     except Exception as exc:
         kind = "a parquet file" if p.suffix.lower() in (".parquet", ".pq") else "a CSV with a header row and one row per sample"
         raise DataError(f"cannot read {p.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -500,11 +515,14 @@ def _load_table(p: Path, table, specs, attributes, label, features):
 
 
 def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: Path) -> np.ndarray:
-    """Integer model inputs (token ids) take whole-number features; anything else would be silently rounded."""
-    if all(table[c].dtype.kind in "iub" for c in features):  # exact, no float64 round trip
-        x = table[features].to_numpy(dtype=np.int64).reshape(x.shape)
-    elif not np.all(x == np.round(x)):
-        rows = int((x != np.round(x)).reshape(x.shape[0], -1).any(axis=1).sum())
+    """Integer model inputs (token ids) take whole-number features; anything else would be silently rounded.
+    Integer columns are taken exactly, each on its own (a float64 round trip loses ids above 2**53, and a
+    table mixing integer and float columns is read as float64 as a whole)."""
+    flat = x.reshape(x.shape[0], -1)
+    exact = [table[c].dtype.kind in "iub" for c in features]
+    inexact = flat[:, [i for i, e in enumerate(exact) if not e]]
+    if not np.all(inexact == np.round(inexact)):
+        rows = int((inexact != np.round(inexact)).any(axis=1).sum())
         raise DataError(f"the model input {spec.name!r} is {spec.dtype} but the feature columns of {p.name} hold "
                         f"non-integral values in {rows} rows; give whole numbers (e.g. token ids)")
     rows = _rows_outside(x, spec.dtype)
@@ -512,7 +530,10 @@ def _as_integers(table, features: list[str], x: np.ndarray, spec: InputSpec, p: 
         info = np.iinfo(spec.dtype)
         raise DataError(f"the feature columns of {p.name} hold values outside {spec.dtype} ({info.min}..{info.max}) "
                         f"in {rows} rows, which the model input {spec.name!r} cannot take; fix those values")
-    return x.astype(spec.dtype)
+    ints = np.empty(flat.shape, np.int64)
+    for i, (c, e) in enumerate(zip(features, exact)):
+        ints[:, i] = table[c].to_numpy().astype(np.int64) if e else flat[:, i].astype(np.int64)
+    return ints.reshape(x.shape).astype(spec.dtype)
 
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")

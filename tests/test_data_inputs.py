@@ -345,3 +345,40 @@ def test_inputs_that_share_a_named_dim_must_agree_on_its_size(tmp_path):
     with pytest.raises(DataError, match="inputs 'ids' and 'mask' share the model's dim 'seq', and the data gives it 12 "
                                         "and 10; give both arrays one size there"):
         load_dataset(tmp_path / "bad.npz", m, "g")
+
+
+@pytest.mark.parametrize("name", ["ids.csv", "ids.parquet"])
+def test_an_integer_column_stays_exact_beside_a_float_one(tmp_path, name):
+    """Before: one float column made the whole table float64, and id 2**53 + 1 arrived as 2**53."""
+    _ids_table(tmp_path, [3.0, 5.0, 0.0, 7.0], [1, 2**53 + 1, 3, 4])
+    ds = load_dataset(tmp_path / name, _int_model(tmp_path), "grp")
+    assert ds.inputs["t"].tolist() == [[3, 1], [5, 2**53 + 1], [0, 3], [7, 4]]
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    """pandas renames the second `label` to `label.1`, which was then fed to the model as a feature."""
+    _linear(tmp_path)
+    (tmp_path / "d.csv").write_text("f0,f1,f2,label,label,g\n" + "0,1,2,1,1,a\n" * 3 + "0,1,2,0,0,b\n")
+    assert _cli_error("evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "d.csv", "--groups", "g") == \
+        "error: d.csv names the column 'label' twice in its header; rename or drop one of them"
+
+
+@pytest.mark.parametrize("values", [
+    np.array(["2020-01-01", "NaT", "2020-01-02", "2020-01-01"], "datetime64[D]"),
+    np.array([1, "NaT", 2, 1], "timedelta64[s]"),
+    np.array([1 + 1j, complex("nan"), 2, 1]),
+])
+def test_a_missing_datetime_duration_or_complex_group_value_is_refused(tmp_path, values):
+    """NaT and complex NaN formed a group of their own."""
+    _linear(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]), g=values)
+    assert _cli_error("evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "d.npz", "--groups", "g").startswith(
+        "error: group attribute 'g' is missing in 1 of 4 rows of d.npz")
+
+
+def test_group_values_that_are_not_utf8_bytes_stay_distinct(tmp_path):
+    """A UnicodeDecodeError traceback, before."""
+    model = _linear(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]),
+             g=np.array([b"\xff", b"\xfe", b"\xff", b"a"]))
+    assert load_dataset(tmp_path / "d.npz", model, "g").group_labels == ["g=\\xfe", "g=\\xff", "g=a"]
