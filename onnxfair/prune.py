@@ -115,10 +115,7 @@ class PruneConfig:
             raise UsageError("--patience counts epochs: 0 (never stop early) or more")
         if not (self.bilevel_alpha >= 0.0 and math.isfinite(self.bilevel_alpha)):
             raise UsageError(f"--bilevel-alpha {self.bilevel_alpha} must be a finite number >= 0 (0: no fairness penalty)")
-        if not 0.0 <= self.beta <= 1.0:  # also refuses NaN
-            raise UsageError(f"--beta {self.beta} is outside [0, 1]; it is the pw loss's weight floor, e.g. 0.75")
-        if not (self.gamma >= 0.0 and math.isfinite(self.gamma)):
-            raise UsageError(f"--gamma {self.gamma} must be a finite number >= 0, e.g. 5")
+        settings.check_pw(self.beta, self.gamma)
         if not 0.0 <= self.finetune_eps <= 1.0:
             raise UsageError(f"--eps {self.finetune_eps} is outside [0, 1]; it is the tolerated excess accuracy gap, e.g. 0.02")
         if self.repair not in REPAIR_MODES:

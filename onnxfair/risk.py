@@ -94,13 +94,15 @@ class RiskConfig:
             raise UsageError(f"--scope {self.scope!r} is not supported; use layer or global")
         if self.params not in ("weights", "all"):
             raise UsageError(f"--params {self.params!r} is not supported; use weights or all")
-        if self.hutchinson_samples < 0:
-            raise UsageError("--hutchinson-samples must be 0 (no trace estimate) or more")
+        if not 0 <= self.hutchinson_samples <= MAX_HUTCHINSON_SAMPLES:
+            raise UsageError(f"--hutchinson-samples {self.hutchinson_samples} is outside 0..{MAX_HUTCHINSON_SAMPLES:,}; "
+                             "each sample is a Hessian-vector product per batch and group: 8 to 100 is the usual range")
         if self.round_to < 1:
             raise UsageError("--round-to must be at least 1")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         settings.check_seed(self.seed, "--seed")
+        settings.check_pw(self.beta, self.gamma)
         if self.loss not in ("ce", "pw"):
             raise UsageError(f"--loss {self.loss!r} is not supported; use ce or pw")
         reads = {"round_to": self.structured, "beta": self.loss == "pw", "gamma": self.loss == "pw",
@@ -109,6 +111,8 @@ class RiskConfig:
         if unused:
             raise UsageError(settings.unused_message(self, unused, RISK_READ_BY, "this pre-check"))
 
+
+MAX_HUTCHINSON_SAMPLES = 10_000  # the estimate's error falls as 1/sqrt(samples): far past any use, far below memory
 
 # field: (option, what reads it); `RiskConfig.check` says when
 RISK_READ_BY = {

@@ -5,6 +5,7 @@ scripts that spell out every default keep working."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from onnxfair.errors import UsageError
@@ -16,6 +17,14 @@ def check_seed(value: int, option: str) -> None:
     """A seed both torch and numpy accept; anything else would fail mid-run with their traceback."""
     if not 0 <= value <= MAX_SEED:
         raise UsageError(f"{option} {value} is outside 0..2**63-1; give a non-negative integer seed, e.g. 0")
+
+
+def check_pw(beta: float, gamma: float) -> None:
+    """The pw loss's settings: NaN or infinite ones would turn every loss figure into NaN, silently."""
+    if not 0.0 <= beta <= 1.0:  # also refuses NaN
+        raise UsageError(f"--beta {beta} is outside [0, 1]; it is the pw loss's weight floor, e.g. 0.75")
+    if not (gamma >= 0.0 and math.isfinite(gamma)):
+        raise UsageError(f"--gamma {gamma} must be a finite number >= 0, e.g. 5")
 
 
 def defaults(config_type: type) -> dict[str, Any]:

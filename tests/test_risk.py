@@ -352,6 +352,24 @@ def test_cli_json_and_table(tiny_linear, tmp_path):
     assert bad.exit_code == 2 and "sparsity" in bad.output
 
 
+@pytest.mark.parametrize("extra, said", [
+    (["--loss", "pw", "--gamma", "nan"], "--gamma nan must be a finite number >= 0, e.g. 5"),
+    (["--loss", "pw", "--gamma", "inf"], "--gamma inf must be a finite number >= 0, e.g. 5"),
+    (["--loss", "pw", "--beta", "nan"], "--beta nan is outside [0, 1]; it is the pw loss's weight floor, e.g. 0.75"),
+    (["--hutchinson-samples", "100000000000"], "--hutchinson-samples 100000000000 is outside 0..10,000"),
+])
+def test_settings_that_would_spoil_every_figure_are_refused_before_any_work(tiny_linear, extra, said):
+    """Before: --gamma nan gave exit 0 with every loss figure null, --beta nan failed after the progress lines
+    with an internal message, and 10^11 Hutchinson samples a MemoryError traceback."""
+    from cli.main import app
+
+    r = CliRunner().invoke(app, ["risk", str(tiny_linear["path"]), "--data", str(tiny_linear["data"]), "--groups", "race",
+                                  *extra])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().startswith(f"error: {said}"), r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
 def test_risk_takes_symbolic_image_dims_from_the_data():
     """Before: a model with symbolic H and W was refused ('pass --input-shape') although the data fixes the
     size; now the report equals the one that --input-shape at the data's size gives."""
