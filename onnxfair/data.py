@@ -206,7 +206,15 @@ def _conform(name: str, arr: np.ndarray, spec: InputSpec) -> np.ndarray:
             raise DataError(f"model input {name!r} takes {spec.dtype}, which data files cannot hold and onnxruntime's "
                             "CPU provider runs few ops in; export the model with float32 (or float16) inputs")
         if arr.dtype.kind in "fiub" and spec.dtype.kind in "f":
-            arr = arr.astype(spec.dtype)
+            with np.errstate(over="ignore"):  # a value beyond the model's float type is reported below, by name
+                cast = arr.astype(spec.dtype)
+            beyond = np.isinf(cast) & np.isfinite(arr)
+            if beyond.any():
+                rows = int(beyond.reshape(arr.shape[0], -1).any(axis=1).sum())
+                raise DataError(f"input {name!r} holds values beyond {spec.dtype}'s range (largest "
+                                f"{float(np.finfo(spec.dtype).max):.4g}) in {rows} rows, which the model input cannot "
+                                "take; rescale the data or export the model with wider float inputs")
+            arr = cast
         elif arr.dtype.kind in "iub" and spec.dtype.kind in "iu":
             rows = 0 if np.can_cast(arr.dtype, spec.dtype) else _rows_outside(arr, spec.dtype)
             if rows:
@@ -628,7 +636,12 @@ def _load_manifest(p: Path, table, specs, attributes, label, opts: ImageOptions)
     if notes:
         warn_once(f"{p.name}: of {len(images)} images, {' and '.join(notes)}")
     x = np.stack(images)  # N, H, W, C
-    x = (x - mean) / std
+    with np.errstate(over="ignore"):
+        x = (x - mean) / std
+    if not np.isfinite(x).all():
+        raise UsageError(f"--mean {','.join(f'{m:g}' for m in opts.mean)} and --std {','.join(f'{s:g}' for s in opts.std)} "
+                         "take the pixels (scaled to [0, 1]) beyond float32; give the data set's per-channel mean and "
+                         "std, e.g. --mean 0.5 --std 0.25")
     if opts.layout == "NCHW":
         x = x.transpose(0, 3, 1, 2)
     x = _conform(spec.name, x, spec)

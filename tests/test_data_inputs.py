@@ -382,3 +382,25 @@ def test_group_values_that_are_not_utf8_bytes_stay_distinct(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]),
              g=np.array([b"\xff", b"\xfe", b"\xff", b"a"]))
     assert load_dataset(tmp_path / "d.npz", model, "g").group_labels == ["g=\\xfe", "g=\\xff", "g=a"]
+
+
+def test_finite_values_beyond_the_models_float_type_are_named_as_such(tmp_path):
+    """Before: numpy's overflow RuntimeWarning on stderr, then 'NaN or infinite values', which the data had not."""
+    _linear(tmp_path)
+    x = np.ones((4, 4))
+    x[1, 2] = 1e300
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 1, 2, 0]), g=np.array(list("abab")))
+    assert _cli_error("evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--no-latency") == (
+        "error: input 'x' holds values beyond float32's range (largest 3.403e+38) in 1 rows, which the model input "
+        "cannot take; rescale the data or export the model with wider float inputs")
+
+
+def test_mean_and_std_that_overflow_the_pixels_are_named(tmp_path):
+    from PIL import Image
+
+    _image_model(tmp_path)
+    Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "0.png")
+    pd.DataFrame([{"path": "0.png", "label": 0, "tone": "a"}]).to_csv(tmp_path / "m.csv", index=False)
+    said = _cli_error("evaluate", tmp_path / "img.onnx", "--data", tmp_path / "m.csv", "--groups", "tone",
+                      "--no-latency", "--mean", "1e38", "--std", "1e-38")
+    assert said.startswith("error: --mean 1e+38 and --std 1e-38 take the pixels (scaled to [0, 1]) beyond float32")
