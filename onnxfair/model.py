@@ -286,10 +286,13 @@ def parse_input_shapes(values: tuple[str, ...] | list[str]) -> dict[str, tuple[i
             if not sep or not name:
                 raise ValueError
             shape = tuple(int(d) for d in dims.split(","))
-            if any(d <= 0 for d in shape):
+            if any(not 0 < d < 2**63 for d in shape):  # an ONNX dim is an int64
                 raise ValueError
         except ValueError:
             raise UsageError(f"bad --input-shape {item!r}; write NAME=d0,d1,... with positive integers") from None
+        if name in shapes:
+            raise UsageError(f"--input-shape names {name!r} twice ({name}={','.join(map(str, shapes[name]))} and "
+                             f"{item}); give each input one shape")
         shapes[name] = shape
     return shapes
 

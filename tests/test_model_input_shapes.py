@@ -112,3 +112,14 @@ def test_verify_gives_every_input_the_batch_given_for_one():
     """--input-shape ids=3,12 gave the mask batch 2, so onnxruntime failed and the model was blamed."""
     feeds = random_inputs(_two_inputs(["batch", "seq"]), {"ids": (3, 12)})
     assert feeds["ids"].shape == feeds["mask"].shape == (3, 12)
+
+
+def test_input_shape_options_refuse_an_int64_overflow_and_a_name_given_twice():
+    """Before: a dim past int64 was a ValueError traceback from onnx, and a second shape for one input silently won."""
+    from onnxfair.model import parse_input_shapes
+
+    assert parse_input_shapes(("x=1,7,4", "y=2")) == {"x": (1, 7, 4), "y": (2,)}
+    with pytest.raises(UsageError, match=r"bad --input-shape 'x=1,99999999999999999999,4'; write NAME=d0,d1"):
+        parse_input_shapes(("x=1,99999999999999999999,4",))
+    with pytest.raises(UsageError, match=r"--input-shape names 'x' twice \(x=1,7,4 and x=1,8,4\); give each input one shape"):
+        parse_input_shapes(("x=1,7,4", "x=1,8,4"))
