@@ -25,7 +25,7 @@ def _format(rep: dict) -> str:
         if note:
             lines.append(f"note: {note}")
     lines.append("unsupported ops: " + (", ".join(rep["unsupported_ops"]) or "none"))
-    if "verify" in rep and "error" not in rep["verify"]:
+    if rep["verify"] is not None and "error" not in rep["verify"]:
         v = rep["verify"]
         lines.append(f"verify vs onnxruntime: max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}")
     ca = rep.get("channel_analysis")
@@ -72,7 +72,7 @@ def inspect(model: str, verify: bool, show_groups: bool, ignore: tuple[str, ...]
     emit_json(rep, json_out)
     if rep.get("needs_input_shape") or rep.get("batch_not_first"):  # described; MACs, --verify and --groups are not
         raise UsageError(rep["cost_error"])
-    if "error" in rep.get("verify", {}):  # the description is out; the comparison asked for could not run
+    if "error" in (rep["verify"] or {}):  # the description is out; the comparison asked for could not run
         raise UnsupportedError(rep["verify"]["error"])
 
 

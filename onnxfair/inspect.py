@@ -44,20 +44,24 @@ def inspect_model(
         "nodes": len(model.graph.node),
         "op_counts": dict(sorted(ops.items())),
         "unsupported_ops": [f"{op} x{n}" for op, n in sorted(unsupported.items())],
+        # every key below is always there (null or false when not computed), so a pipeline reads one shape
+        "parameters": None, "macs": None, "macs_batch": None, "macs_uncounted": None, "bytes": model.ByteSize(),
+        "cost_error": None, "needs_input_shape": False, "batch_not_first": False,
+        "verify": None, "channel_analysis": None,
+        "batch_inputs": [s.name for s in input_specs(model)],
     }
     misplaced = batch_axis_error(model)
     if misplaced:  # counted per row of axis 0, MACs would be per time step: describe, then refuse
-        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=misplaced, batch_not_first=True)
+        report.update(cost_error=misplaced, batch_not_first=True)
         return report
     try:
         cost = model_cost(model, input_shapes)
         report.update(parameters=cost.params, macs=cost.macs, macs_batch=cost.batch, bytes=cost.bytes,
                       macs_uncounted=cost.unknown)
     except UnsupportedError as exc:
-        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc))
+        report.update(cost_error=str(exc))
     except UsageError as exc:  # a dim only --input-shape can size: what needs no sizes is still described
-        report.update(parameters=None, macs=None, bytes=model.ByteSize(), cost_error=str(exc), needs_input_shape=True,
-                      batch_inputs=[s.name for s in input_specs(model)])
+        report.update(cost_error=str(exc), needs_input_shape=True)
         return report  # --verify and --groups need the same sizes
     if verify:
         # what stops the comparison is reported with the rest (the caller exits 2 after showing it)
@@ -74,5 +78,4 @@ def inspect_model(
         from onnxfair.graph import analyze
 
         report["channel_analysis"] = analyze(model, input_shapes=input_shapes, ignore=ignore).to_dict()
-    report["batch_inputs"] = [s.name for s in input_specs(model)]
     return report

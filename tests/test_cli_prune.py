@@ -1298,3 +1298,23 @@ def test_an_empty_output_path_is_refused(tmp_path, monkeypatch):
     assert _error([*sweep, "--out", ""]) == "error: --out is empty; give a folder path"
     assert _error([*sweep, "--out", "sw", "--json", ""]) == "error: --json is empty; give a file path"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_json_has_one_shape_whatever_it_could_compute(tmp_path):
+    """verify and channel_analysis were left out without --verify/--groups; macs_batch and macs_uncounted left
+    out, and cost_error/needs_input_shape added, when a dim needed --input-shape."""
+    m = onnx.load(MLP)
+    dim = m.graph.input[0].type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "feat"
+    onnx.save(m, tmp_path / "sym.onnx")
+    plain = json.loads(run("inspect", MLP, "--json", "-").stdout)
+    full = json.loads(run("inspect", MLP, "--verify", "--groups", "--json", "-").stdout)
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "sym.onnx"), "--json", "-"])
+    assert r.exit_code == 2
+    unsized = json.loads(r.stdout)
+    assert list(plain) == list(full) == list(unsized)
+    assert plain["verify"] is None and plain["channel_analysis"] is None and plain["cost_error"] is None
+    assert full["verify"]["max_abs_diff"] < 1e-4 and full["channel_analysis"]["groups"]
+    assert unsized["macs"] is None and unsized["needs_input_shape"] is True and "--input-shape" in unsized["cost_error"]
+    assert plain["macs"] == 11136 and plain["needs_input_shape"] is False
