@@ -85,7 +85,12 @@ def load_data(paths: list[str | None], model, kw: dict[str, Any], input_shapes: 
     """The datasets (None for a path not given) for `model` from the parsed data options, shared by the files:
     --features reaches the tables, the image options the manifests; --features makes a manifest a table."""
     image = image_options(kw)
-    features = [c.strip() for c in kw["features"].split(",")] if kw.get("features") else None
+    if kw.get("label") is not None and not kw["label"].strip():  # was taken as not given: the default column
+        raise UsageError("--label is empty; give the label column's name (default: label in a table, y in an npz)")
+    features = [c.strip() for c in kw["features"].split(",")] if kw.get("features") is not None else None
+    if features is not None and not all(features):
+        raise UsageError(f"--features {kw['features']!r} has an empty column name; list the feature columns, "
+                         "comma-separated")
     return load_datasets(paths, model, parse_groups(kw["groups"]), label=kw.get("label"), features=features,
                          image=image, input_shapes=input_shapes)
 

@@ -404,3 +404,14 @@ def test_mean_and_std_that_overflow_the_pixels_are_named(tmp_path):
     said = _cli_error("evaluate", tmp_path / "img.onnx", "--data", tmp_path / "m.csv", "--groups", "tone",
                       "--no-latency", "--mean", "1e38", "--std", "1e-38")
     assert said.startswith("error: --mean 1e+38 and --std 1e-38 take the pixels (scaled to [0, 1]) beyond float32")
+
+
+def test_an_empty_label_or_feature_name_is_refused(tmp_path):
+    """--label "" read the default column and --features "" the default features, silently."""
+    _linear(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]), g=np.array(list("abab")))
+    base = ["evaluate", tmp_path / "lin.onnx", "--data", tmp_path / "d.npz", "--groups", "g", "--no-latency"]
+    assert _cli_error(*base, "--label", "") == \
+        "error: --label is empty; give the label column's name (default: label in a table, y in an npz)"
+    assert _cli_error(*base, "--features", "f0,,f1") == \
+        "error: --features 'f0,,f1' has an empty column name; list the feature columns, comma-separated"
