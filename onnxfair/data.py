@@ -429,6 +429,9 @@ def _load_npz(p: Path, specs: list[InputSpec], attributes: Sequence[str], label:
     _check_columns(keys, attributes, "group array", p)
     inputs = {}
     for spec in specs:
+        if spec.name == label:  # one array cannot be both: it would be fed as the input and read as the labels
+            raise DataError(f"the model input {spec.name!r} has the label array's name in {p.name}; save the labels "
+                            f"under another name and pass it with --label")
         if spec.name in arrays:
             arr = arrays[spec.name]
         elif len(specs) == 1 and "x" in arrays:

@@ -415,3 +415,14 @@ def test_an_empty_label_or_feature_name_is_refused(tmp_path):
         "error: --label is empty; give the label column's name (default: label in a table, y in an npz)"
     assert _cli_error(*base, "--features", "f0,,f1") == \
         "error: --features 'f0,,f1' has an empty column name; list the feature columns, comma-separated"
+
+
+def test_a_model_input_named_like_the_label_is_refused_by_that_cause(tmp_path):
+    """Before: the labels were fed as the input, and the error asked to reshape the data."""
+    model = linear_model(np.ones((3, 4)), np.zeros(3))
+    model.graph.input[0].name = "y"
+    model.graph.node[0].input[0] = "y"
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32), y=np.array([0, 1, 2, 0]), g=np.array(list("abab")))
+    with pytest.raises(DataError, match="the model input 'y' has the label array's name in d.npz; save the labels under "
+                                        "another name and pass it with --label"):
+        load_dataset(tmp_path / "d.npz", model, "g")
