@@ -265,11 +265,37 @@ def classes_of(shape) -> int | None:
     return 2 if n == 1 else n
 
 
+def _argmax_classes(model: onnx.ModelProto) -> int | None:
+    """The classes an ArgMax head picks among (the size of its input's axis), when the first output is that
+    ArgMax's indices, directly or through shape-only ops and a Cast; None when the graph does not say."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(model.graph.output[0].name)
+    while node is not None and node.op_type in ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("ArgMax", "ArgMin"):
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph onnx cannot infer: the labels are checked against the predictions' range only
+        return None
+    infos = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    info = infos.get(node.input[0])
+    if info is None or not info.type.tensor_type.HasField("shape"):
+        return None
+    dims = info.type.tensor_type.shape.dim
+    if not -len(dims) <= axis < len(dims) or not dims[axis].HasField("dim_value"):
+        return None
+    return int(dims[axis].dim_value)
+
+
 def class_count(model: onnx.ModelProto) -> int | None:
-    """Classes the first graph output scores (see `classes_of`); None when its shape is not known or it is not
-    a float output (an integer label output, say)."""
+    """Classes the first graph output scores (see `classes_of`), or an ArgMax head picks among; None when its
+    shape is not known or the graph does not say (an integer label output of another kind, say)."""
     t = model.graph.output[0].type.tensor_type if model.graph.output else None
-    if t is None or not t.HasField("shape") or t.elem_type not in FLOAT_TYPES:  # not class scores: cannot tell
+    if t is not None and t.elem_type not in FLOAT_TYPES:
+        return _argmax_classes(model)
+    if t is None or not t.HasField("shape"):  # not class scores: cannot tell
         return None
     dims = t.shape.dim
     if not dims:

@@ -190,6 +190,22 @@ def test_an_argmax_head_is_scored_by_its_class_indices(tiny_linear, tmp_path, ke
     assert rep["overall"]["accuracy"] == 1.0
 
 
+def test_labels_an_argmax_head_cannot_pick_are_refused(tiny_linear, tmp_path):
+    """The head picks among the 3 classes of the Gemm before it; labels 5..7 were accepted (accuracy 0, exit 0)."""
+    m = _then(tiny_linear["model"], [helper.make_node("ArgMax", ["logits"], ["i"], axis=1, keepdims=0),
+                                     helper.make_node("Cast", ["i"], ["cls"], to=TensorProto.INT32)],
+              "cls", ["N"], elem=TensorProto.INT32)
+    onnx.save(m, tmp_path / "argmax.onnx")
+    x, race = tiny_linear["x"], tiny_linear["race"]
+    np.savez(tmp_path / "far.npz", x=x, y=np.full(len(x), 5), race=race)
+    said = _one_error_line(_run("evaluate", tmp_path / "argmax.onnx", "--data", tmp_path / "far.npz", "--groups", "race",
+                                "--no-latency", code=2))
+    assert said == (f"error: label 'y' has values 5 in {len(x)} rows; class indices must be in 0..2 for a 3-class model "
+                    "output: fix the labels or pick the right column with --label")
+    np.savez(tmp_path / "ok.npz", x=x, y=np.full(len(x), 2), race=race)  # the top class itself is fine
+    _run("evaluate", tmp_path / "argmax.onnx", "--data", tmp_path / "ok.npz", "--groups", "race", "--no-latency")
+
+
 def test_integer_outputs_in_several_columns_are_refused_not_argmaxed(tiny_linear, tmp_path):
     """TopK's indices [N, 2]: argmax over them picked the position of the larger class index (exit 0, accuracy
     about 0.4 for a model whose top-1 accuracy is 0.8). Refused for evaluate and compare alike."""
