@@ -697,6 +697,11 @@ def _stop_pool(pool) -> None:
             p.terminate()
     for p in workers:
         p.join(timeout=5)
+    # let the pool's manager thread finish closing its wake-up pipe before the interpreter exits: else
+    # concurrent.futures' exit hook may write to the pipe as it closes ("Bad file descriptor" on stderr)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=5)
 
 
 def _time_models(plan: SweepPlan, runs: list[Run], reports: dict[str, dict], model: onnx.ModelProto,
