@@ -521,6 +521,12 @@ def _load_table(p: Path, table, specs, attributes, label, features):
             "left out of --groups counts as a feature)")
     if spec.dtype.kind in "iu":
         x = _as_integers(table, list(features), x, spec, p)
+    elif spec.dtype.kind == "b":  # a table holds flags as 0/1 (or true/false, read as 1.0/0.0)
+        if not np.isin(x, (0.0, 1.0)).all():
+            rows = int((~np.isin(x, (0.0, 1.0))).reshape(x.shape[0], -1).any(axis=1).sum())
+            raise DataError(f"the model input {spec.name!r} is bool but the feature columns of {p.name} hold values "
+                            f"other than 0 and 1 in {rows} rows; give 0/1 (or true/false) flags")
+        x = x.astype(bool)
     x = _conform(spec.name, x, spec)
     return {spec.name: x}, _labels(table[label].to_numpy(), label)
 

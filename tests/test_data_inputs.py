@@ -426,3 +426,23 @@ def test_a_model_input_named_like_the_label_is_refused_by_that_cause(tmp_path):
     with pytest.raises(DataError, match="the model input 'y' has the label array's name in d.npz; save the labels under "
                                         "another name and pass it with --label"):
         load_dataset(tmp_path / "d.npz", model, "g")
+
+
+def test_a_bool_model_input_takes_0_1_columns_of_a_table(tmp_path):
+    """Refused before with 'has dtype float64', which a csv's user cannot change."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["b"], ["f"], to=TensorProto.FLOAT), helper.make_node("Gemm", ["f", "W"], ["logits"], transB=1)],
+        "flags", [helper.make_tensor_value_info("b", TensorProto.BOOL, ["N", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    pd.DataFrame({"a": [0, 1, 1, 0], "c": [1, 0, 1, 0], "label": [1, 0, 0, 1], "g": list("xyxy")}).to_csv(
+        tmp_path / "f.csv", index=False)
+    ds = load_dataset(tmp_path / "f.csv", model, "g")
+    assert ds.inputs["b"].dtype == np.bool_ and ds.inputs["b"].tolist() == [[False, True], [True, False], [True, True],
+                                                                            [False, False]]
+    pd.DataFrame({"a": [0, 2, 1, 0], "c": [1, 0, 1, 0], "label": [1, 0, 0, 1], "g": list("xyxy")}).to_csv(
+        tmp_path / "f.csv", index=False)
+    with pytest.raises(DataError, match="the model input 'b' is bool but the feature columns of f.csv hold values other "
+                                        "than 0 and 1 in 1 rows"):
+        load_dataset(tmp_path / "f.csv", model, "g")
